@@ -1,0 +1,39 @@
+# qwenrt: set up, run the demo, run the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch that this machine keeps on disk; any other torch request pulls CUDA.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_PROMPT ?= Write a Python quicksort function
+
+.PHONY: install demo test test-fast test-real lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[convert,plot,dev]"
+	touch $@
+
+demo: install
+	$(BIN)/qwenrt convert demo
+	$(BIN)/qwenrt chat --runtime gguf --stats -p "$(DEMO_PROMPT)"
+	$(BIN)/qwenrt chat --runtime openvino --stats -p "$(DEMO_PROMPT)"
+
+lint: install
+	$(BIN)/ruff check qwenrt tests
+	$(BIN)/ruff format --check qwenrt tests
+
+test: install lint
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not real_weights"
+
+test-real: install
+	$(BIN)/pytest -m real_weights
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,75 @@
+"""Export a Qwen2 checkpoint to an OpenVINO IR with INT8 weights and tokenizer IRs.
+
+optimum-intel does the export (a stateful model: the KV cache lives inside the
+IR), nncf compresses the weights, and openvino-tokenizers writes the tokenizer and
+detokenizer IRs that openvino-genai needs beside the model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwenrt.convert.checkpoint import Checkpoint
+from qwenrt.errors import SourceError
+
+MODEL_XML = "openvino_model.xml"
+TOKENIZER_XML = "openvino_tokenizer.xml"
+DETOKENIZER_XML = "openvino_detokenizer.xml"
+REQUIRED_FILES = [MODEL_XML, "openvino_model.bin", TOKENIZER_XML, DETOKENIZER_XML]
+
+
+@dataclass(frozen=True)
+class Int8Scheme:
+    """nncf weight compression: asymmetric per-channel is optimum-intel's own INT8 default.
+
+    See BENCHMARKS.md for the measurement behind the default.
+    """
+
+    symmetric: bool = False
+    group_size: int = -1  # -1: one scale per output channel
+
+    def describe(self) -> str:
+        grouping = "per-channel" if self.group_size == -1 else f"group {self.group_size}"
+        return f"int8 {'sym' if self.symmetric else 'asym'} {grouping}"
+
+
+def export_openvino_int8(checkpoint: Checkpoint, out_dir: Path, scheme: Int8Scheme = Int8Scheme()) -> dict[str, int]:
+    """Write the IR and tokenizer IRs into ``out_dir``; returns weight element types with counts."""
+    import openvino as ov
+    from openvino_tokenizers import convert_tokenizer
+    from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
+    from transformers import AutoTokenizer
+
+    quantization = OVWeightQuantizationConfig(bits=8, sym=scheme.symmetric, group_size=scheme.group_size)
+    try:
+        model = OVModelForCausalLM.from_pretrained(
+            checkpoint.path, export=True, compile=False, quantization_config=quantization, local_files_only=True
+        )
+        model.save_pretrained(out_dir)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+        tokenizer.save_pretrained(out_dir)
+        ov_tokenizer, ov_detokenizer = convert_tokenizer(tokenizer, with_detokenizer=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SourceError(f"{checkpoint.path}: OpenVINO export failed ({exc})") from None
+    ov.save_model(ov_tokenizer, out_dir / TOKENIZER_XML)
+    ov.save_model(ov_detokenizer, out_dir / DETOKENIZER_XML)
+    missing = [name for name in REQUIRED_FILES if not (out_dir / name).is_file()]
+    if missing:
+        raise SourceError(f"OpenVINO export did not write {', '.join(missing)}")
+    return weight_types(out_dir / MODEL_XML)
+
+
+def weight_types(model_xml: Path) -> dict[str, int]:
+    """Element types of the IR's weight matrices (constants of rank 2), with counts."""
+    import openvino as ov
+
+    model = ov.Core().read_model(model_xml)
+    types: Counter[str] = Counter()
+    for op in model.get_ops():
+        if op.get_type_name() == "Constant" and len(op.get_output_partial_shape(0)) == 2:
+            shape = op.get_output_shape(0)
+            if min(shape) > 1:  # scales and zero points are vectors
+                types[op.get_output_element_type(0).get_type_name()] += 1
+    return dict(types)

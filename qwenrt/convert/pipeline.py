@@ -1,0 +1,227 @@
+"""``qwenrt convert``: one source checkpoint, two artifacts, one manifest, all or nothing.
+
+New artifacts are written into a staging folder beside the model folder, checked
+in their own engine, and only then moved into place, one rename per artifact, the
+manifest last. A failed or interrupted conversion removes the staging folder and
+leaves the model folder as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from qwenrt import __version__
+from qwenrt.convert.checkpoint import Checkpoint
+from qwenrt.convert.demo import sha256_of
+from qwenrt.convert.gguf_q8 import write_gguf_q8_0
+from qwenrt.convert.openvino_int8 import Int8Scheme, export_openvino_int8
+from qwenrt.convert.sources import ResolvedSource, resolve_source, source_reference
+from qwenrt.errors import QwenrtError
+from qwenrt.manifest import (
+    GGUF_KEY,
+    MANIFEST_FILE,
+    OPENVINO_DIR,
+    OPENVINO_KEY,
+    SCHEMA_VERSION,
+    read_manifest,
+    write_manifest,
+)
+
+FORMATS = (GGUF_KEY, OPENVINO_KEY)
+TOOLS = ["qwenrt", "gguf", "llama-cpp-python", "openvino", "openvino-genai", "openvino-tokenizers",
+         "optimum-intel", "nncf", "transformers", "torch"]  # fmt: skip
+VERIFY_TOKENS = 4
+
+
+@dataclass
+class ArtifactResult:
+    key: str
+    path: Path
+    skipped: bool
+    seconds: float = 0.0
+    size: int = 0
+    weight_types: dict[str, int] = field(default_factory=dict)
+    verified_text: str | None = None
+
+
+@dataclass
+class ConversionResult:
+    out_dir: Path
+    artifacts: list[ArtifactResult]
+    seconds: float
+    peak_rss_bytes: int
+
+
+def convert(
+    source: str,
+    out_dir: Path,
+    formats: tuple[str, ...] = FORMATS,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    scheme: Int8Scheme = Int8Scheme(),
+    log: Any = print,
+) -> ConversionResult:
+    started = time.perf_counter()
+    out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QwenrtError(f"{out_dir}: exists and is not a folder")
+    manifest = read_manifest(out_dir)
+    if manifest.get("source", {}).get("reference") != source_reference(source):
+        manifest = {}  # another source's artifacts are replaced, never reused
+    todo = [key for key in formats if force or not _is_complete(out_dir, manifest, key)]
+    results = [
+        ArtifactResult(key, out_dir / manifest["artifacts"][key]["path"], skipped=True)
+        for key in formats
+        if key not in todo
+    ]
+    for result in results:
+        log(f"{result.key}: {result.path} is complete; skipping (use --force to convert again)")
+    if not todo:
+        return ConversionResult(out_dir, results, time.perf_counter() - started, _peak_rss())
+
+    resolved = resolve_source(source)
+    log(f"source: {resolved.reference} ({resolved.kind}) → {resolved.checkpoint.path}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        names = {GGUF_KEY: f"{resolved.name}-q8_0.gguf", OPENVINO_KEY: OPENVINO_DIR}
+        records: dict[str, dict[str, Any]] = {}
+        for key in todo:
+            result, record = _build(key, resolved.checkpoint, staging, names[key], scheme, log)
+            if verify:
+                result.verified_text = _verify(key, staging, record, resolved.checkpoint, log)
+            results.append(result)
+            records[key] = record
+        manifest = _updated_manifest(manifest, resolved, records)
+        _install(staging, out_dir, records, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for result in results:
+        result.path = out_dir / result.path.name
+    return ConversionResult(out_dir, results, time.perf_counter() - started, _peak_rss())
+
+
+def _is_complete(out_dir: Path, manifest: dict[str, Any], key: str) -> bool:
+    """An artifact counts as complete when every file the manifest lists is there at its size."""
+    record = manifest.get("artifacts", {}).get(key)
+    if not record:
+        return False
+    for entry in record.get("files", []):
+        path = out_dir / entry["path"]
+        if not path.is_file() or path.stat().st_size != entry["size"]:
+            return False
+    return bool(record.get("files"))
+
+
+def _build(
+    key: str, checkpoint: Checkpoint, staging: Path, name: str, scheme: Int8Scheme, log: Any
+) -> tuple[ArtifactResult, dict[str, Any]]:
+    started = time.perf_counter()
+    target = staging / name
+    if key == GGUF_KEY:
+        log("gguf: writing Q8_0 …")
+        types = write_gguf_q8_0(checkpoint, target)
+        extra: dict[str, Any] = {"format": "gguf", "quantization": "Q8_0"}
+    else:
+        log(f"openvino: exporting with {scheme.describe()} weights …")
+        target.mkdir()
+        types = export_openvino_int8(checkpoint, target, scheme)
+        extra = {"format": "openvino-ir", "quantization": scheme.describe(), "symmetric": scheme.symmetric,
+                 "group_size": scheme.group_size}  # fmt: skip
+    seconds = time.perf_counter() - started
+    files = _file_entries(staging, target)
+    record = {"path": name, **extra, "weight_types": types, "files": files, "seconds": round(seconds, 1),
+              "context_length": int(checkpoint.config["max_position_embeddings"])}  # fmt: skip
+    size = sum(entry["size"] for entry in files)
+    log(f"{key}: {name} written, {size / 1e6:.0f} MB in {seconds:.1f} s, weights {types}")
+    return ArtifactResult(key, target, False, seconds, size, types), record
+
+
+def _file_entries(root: Path, target: Path) -> list[dict[str, Any]]:
+    paths = [target] if target.is_file() else sorted(p for p in target.rglob("*") if p.is_file())
+    return [
+        {"path": str(p.relative_to(root)), "size": p.stat().st_size, "sha256": sha256_of(p, desc=f"Hashing {p.name}")}
+        for p in paths
+    ]
+
+
+def _verify(key: str, staging: Path, record: dict[str, Any], checkpoint: Checkpoint, log: Any) -> str:
+    """Load the new artifact in its own engine and generate a few tokens."""
+    from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, open_engine
+
+    window = min(512, int(checkpoint.config["max_position_embeddings"]))
+    options = EngineOptions(context_length=window, prefix_cache=False)
+    with open_engine(key, staging / record["path"], options) as engine:
+        events = list(engine.stream_chat([{"role": "user", "content": "Hello"}],
+                                         GenerationConfig(max_tokens=VERIFY_TOKENS, ignore_eos=True)))  # fmt: skip
+    end = events[-1]
+    if not isinstance(end, StreamEnd) or end.generated_tokens != VERIFY_TOKENS:
+        raise QwenrtError(f"{key}: the new artifact did not generate {VERIFY_TOKENS} tokens in its engine")
+    log(f"{key}: verified in its engine: {end.text!r}")
+    return end.text
+
+
+def _updated_manifest(
+    manifest: dict[str, Any], resolved: ResolvedSource, records: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    artifacts = {**manifest.get("artifacts", {}), **records}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model_name": resolved.name,
+        "source": resolved.describe(),
+        "context_length": int(resolved.checkpoint.config["max_position_embeddings"]),
+        "artifacts": artifacts,
+        "tools": {tool: _version(tool) for tool in TOOLS},
+    }
+
+
+def _version(package: str) -> str | None:
+    if package == "qwenrt":
+        return __version__
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _install(staging: Path, out_dir: Path, records: dict[str, dict[str, Any]], manifest: dict[str, Any]) -> None:
+    """Move each staged artifact into ``out_dir`` with one rename, then the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = read_manifest(out_dir).get("artifacts", {})
+    for key, record in stale.items():
+        if key not in manifest["artifacts"] or manifest["artifacts"][key]["path"] != record["path"]:
+            _remove(out_dir / record["path"])
+    for record in records.values():
+        new, final = staging / record["path"], out_dir / record["path"]
+        old = staging / f"{record['path']}.old"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(new, final)
+        _remove(old)
+    write_manifest(out_dir, manifest)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _peak_rss() -> int:
+    # ru_maxrss is in KiB on Linux; children are the pip download, never larger.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+__all__ = ["FORMATS", "MANIFEST_FILE", "ConversionResult", "convert"]

@@ -1,0 +1,150 @@
+"""The ``qwenrt`` command: a thin layer of options over the package."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+import click
+
+from qwenrt import __version__
+from qwenrt.errors import ModelNotFoundError, QwenrtError
+from qwenrt.paths import default_model_dir
+
+RUNTIMES = ["gguf", "openvino"]
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"qwenrt: error: {message}", err=True)
+    sys.exit(code)
+
+
+def main() -> None:
+    """Entry point: every failure ends in one line on standard error and a non-zero exit."""
+    debug = "--debug" in sys.argv[1:]
+    warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"qwenrt: warning: {message}", err=True)
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("\nqwenrt: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except QwenrtError as exc:
+        if debug:
+            traceback.print_exc()
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("\nqwenrt: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # the last line of defence: no traceback unless asked
+        if debug:
+            traceback.print_exc()
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        _fail(f"unexpected {type(exc).__name__}: {first_line} (run with --debug for details)", 1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qwenrt")
+@click.option("--debug", is_flag=True, help="Show a traceback on errors.")
+def cli(debug: bool) -> None:
+    """Qwen2.5-0.5B-Instruct on a CPU-only box, through llama.cpp and OpenVINO."""
+
+
+@cli.command()
+@click.argument("source")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Model folder to write [default: the user cache, found by every command].",
+)
+@click.option("--format", "fmt", type=click.Choice(["gguf", "openvino", "all"]), default="all", show_default=True)
+@click.option("--force", is_flag=True, help="Convert again even if the artifacts are complete.")
+@click.option("--no-verify", is_flag=True, help="Do not load the new artifacts in their engines.")
+@click.option(
+    "--ov-symmetric/--ov-asymmetric", default=False, show_default=True, help="INT8 scheme of the OpenVINO weights."
+)
+@click.option(
+    "--ov-group-size",
+    type=int,
+    default=-1,
+    show_default=True,
+    help="Weights per INT8 scale for OpenVINO; -1 is one scale per output channel.",
+)
+def convert(source: str, out_dir: Path | None, fmt: str, force: bool, no_verify: bool,
+            ov_symmetric: bool, ov_group_size: int) -> None:  # fmt: skip
+    """Convert SOURCE to GGUF Q8_0 and OpenVINO INT8.
+
+    SOURCE is a Hugging Face checkpoint folder, a hub id (Qwen/Qwen2.5-0.5B-Instruct,
+    needs a network), a .gguf file, or 'demo' (offline weights from the package index).
+    """
+    from qwenrt.convert.openvino_int8 import Int8Scheme
+    from qwenrt.convert.pipeline import FORMATS
+    from qwenrt.convert.pipeline import convert as run_convert
+
+    formats = FORMATS if fmt == "all" else (fmt,)
+    result = run_convert(
+        source, out_dir or default_model_dir(), formats, force=force, verify=not no_verify,
+        scheme=Int8Scheme(symmetric=ov_symmetric, group_size=ov_group_size),
+        log=lambda line: click.echo(line, err=True),
+    )  # fmt: skip
+    click.echo("")
+    for artifact in result.artifacts:
+        state = "kept" if artifact.skipped else f"{artifact.size / 1e6:.0f} MB in {artifact.seconds:.1f} s"
+        click.echo(f"  {artifact.key:<9} {artifact.path}  ({state})")
+    click.echo(f"  total     {result.seconds:.1f} s, peak memory {result.peak_rss_bytes / 2**30:.2f} GiB")
+    click.echo(f"Model folder: {result.out_dir}")
+
+
+def _model_dir(model: Path | None) -> Path:
+    path = model or default_model_dir()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"no model at {path}; make one with 'qwenrt convert demo' (offline demo weights) "
+            "or 'qwenrt convert CHECKPOINT', or pass --model DIR"
+        )
+    return path
+
+
+@cli.command()
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="gguf", show_default=True)
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Model folder [default: the user cache].")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores].")
+@click.option("--pin", is_flag=True, help="Pin the threads to physical cores.")
+@click.option("--system", default=None, help="System message.")
+@click.option("--max-tokens", type=int, default=512, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 is off.")
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("-p", "--prompt", default=None, help="Answer this prompt and exit.")
+@click.option("--stats", is_flag=True, help="Show first-token latency and tokens/s after each answer.")
+def chat(runtime: str, model: Path | None, threads: int | None, pin: bool, system: str | None, max_tokens: int,
+         temperature: float, top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...],
+         prompt: str | None, stats: bool) -> None:  # fmt: skip
+    """Chat with the model, streaming; one-shot with -p or a piped prompt."""
+    from qwenrt.chat import ChatSession, interactive, print_answer
+    from qwenrt.runtimes import EngineOptions, GenerationConfig, open_engine
+
+    config = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              seed=seed, stop=stop)  # fmt: skip
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if prompt is not None and not prompt.strip():
+        raise QwenrtError("the prompt is empty")
+    with open_engine(runtime, _model_dir(model), EngineOptions(threads=threads, pin=pin)) as engine:
+        session = ChatSession(engine, config, system)
+        if prompt is not None:
+            print_answer(session, prompt.strip(), sys.stdout, stats)
+        else:
+            interactive(session, sys.stdout, stats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""The engine interface: open a model folder, stream a chat token by token, close.
+
+An engine module implements four small things (find its artifact, tokenize, the
+bytes of a token, and a generator of token ids); everything that must mean the same
+for every engine (the prompt, the context check, stop strings, UTF-8 assembly,
+timing and the end-of-stream report) lives here, once.
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from qwenrt.errors import QwenrtError
+from qwenrt.manifest import trained_context_length
+from qwenrt.runtimes.chat_template import Message, render_chat
+from qwenrt.runtimes.threads import ThreadPlan
+
+DEFAULT_CONTEXT = 4096
+StopReason = Literal["eos", "length", "stop", "cancelled"]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Settings fixed when a model is opened."""
+
+    threads: int | None = None  # None: one per physical core
+    pin: bool = False
+    # None: the model's trained context, at most DEFAULT_CONTEXT (the KV cache grows with it).
+    context_length: int | None = None
+    # Reuse the KV cache of a prompt's common prefix with the previous one (multi-turn chat).
+    # Benchmarks turn it off so that every repetition pays for its whole prompt.
+    prefix_cache: bool = True
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise QwenrtError(f"max tokens must be at least 1, not {self.max_tokens}")
+        if self.temperature < 0:
+            raise QwenrtError(f"temperature must be 0 or more, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise QwenrtError(f"top-p must be in (0, 1], not {self.top_p}")
+        if self.top_k < 0:
+            raise QwenrtError(f"top-k must be 0 (off) or more, not {self.top_k}")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token: its id, the text it completes (maybe empty) and when it came."""
+
+    token_id: int
+    text: str
+    time: float  # time.perf_counter() when the engine produced it
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    reason: StopReason
+    prompt_tokens: int
+    generated_tokens: int
+    started: float  # time.perf_counter() when the request was handed to the engine
+    finished: float
+    first_token: float | None = None
+    text: str = field(default="", repr=False)  # the whole answer, as streamed
+
+    @property
+    def first_token_latency(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.started
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        """Tokens after the first over the time after the first: the engine's decode speed."""
+        if self.first_token is None or self.generated_tokens < 2 or self.finished <= self.first_token:
+            return None
+        return (self.generated_tokens - 1) / (self.finished - self.first_token)
+
+
+Event = TokenEvent | StreamEnd
+
+
+class Engine(ABC):
+    """One inference engine behind qwenrt's interface; use as a context manager."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def __init__(self, model_dir: Path, options: EngineOptions = EngineOptions()) -> None:
+        self.model_dir = Path(model_dir)
+        self.options = options
+        self.threads = ThreadPlan.resolve(options.threads, pin=options.pin)
+        self.threads.apply_to_process()
+        trained = trained_context_length(self.model_dir)
+        self.context_length = options.context_length or min(DEFAULT_CONTEXT, trained or DEFAULT_CONTEXT)
+
+    # --- what each engine provides -------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def artifact_path(cls, model_dir: Path) -> Path:
+        """The engine's artifact inside a qwenrt model folder (raise ModelNotFoundError if absent)."""
+
+    @property
+    @abstractmethod
+    def chat_template(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def eos_token_ids(self) -> frozenset[int]: ...
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text``, special tokens such as <|im_start|> recognised, no BOS added."""
+
+    @abstractmethod
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for in generated text (empty for control tokens)."""
+
+    @abstractmethod
+    def _generate(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[tuple[int, float]]:
+        """Yield (token id, perf_counter time) for each generated token until the engine stops.
+
+        The engine stops by itself at max tokens and (unless ``ignore_eos``) after an EOS
+        token; closing the generator must cancel the generation.
+        """
+
+    @abstractmethod
+    def settings(self) -> dict[str, Any]:
+        """The settings the engine runs with, as applied (for reports)."""
+
+    def close(self) -> None:  # noqa: B027 - engines without native resources need nothing
+        """Release the engine's memory."""
+
+    # --- shared behaviour -----------------------------------------------------------
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        return render_chat(self.chat_template, messages)
+
+    def chat_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        return self.tokenize(self.render_chat(messages))
+
+    def stream_chat(
+        self, messages: Sequence[Message], config: GenerationConfig, cancel: threading.Event | None = None
+    ) -> Iterator[Event]:
+        return self.stream(self.chat_prompt_ids(messages), config, cancel)
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens == 0:
+            raise QwenrtError("the prompt is empty")
+        window = self.context_length
+        if prompt_tokens + max_tokens > window:
+            raise QwenrtError(
+                f"prompt of {prompt_tokens} tokens plus {max_tokens} new tokens exceeds the context window "
+                f"of {window}; shorten the prompt, lower --max-tokens or raise the context length"
+            )
+
+    def stream(
+        self, prompt_ids: list[int], config: GenerationConfig, cancel: threading.Event | None = None
+    ) -> Iterator[Event]:
+        """Stream one generation as TokenEvents, then one StreamEnd."""
+        self.check_fits(len(prompt_ids), config.max_tokens)
+        return self._stream(prompt_ids, config, cancel)
+
+    def _stream(
+        self, prompt_ids: list[int], config: GenerationConfig, cancel: threading.Event | None
+    ) -> Iterator[Event]:
+        text = _TextAssembler(config.stop)
+        eos = self.eos_token_ids
+        reason: StopReason = "length"
+        count = 0
+        first: float | None = None
+        started = time.perf_counter()
+        tokens = self._generate(prompt_ids, config)
+        try:
+            for token_id, produced in tokens:
+                count += 1
+                first = first if first is not None else produced
+                is_eos = token_id in eos
+                piece = "" if is_eos else text.feed(self.token_bytes(token_id))
+                yield TokenEvent(token_id, piece, produced)
+                if text.stopped:
+                    reason = "stop"
+                    break
+                if is_eos and not config.ignore_eos:
+                    reason = "eos"
+                    break
+                if cancel is not None and cancel.is_set():
+                    reason = "cancelled"
+                    break
+                if count >= config.max_tokens:
+                    break
+        finally:
+            tokens.close()
+        tail = text.finish()
+        if tail:
+            yield _tail_event(tail)
+        yield StreamEnd(reason, len(prompt_ids), count, started, time.perf_counter(), first, text.emitted)
+
+
+def _tail_event(tail: str) -> TokenEvent:
+    # Text held back for a possible stop string, released when the stream ends: it
+    # belongs to no new token, so it carries the id -1.
+    return TokenEvent(-1, tail, time.perf_counter())
+
+
+class _TextAssembler:
+    """Bytes in, valid text out: whole UTF-8 characters only, stop strings cut off."""
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = tuple(s for s in stop if s)
+        self._held = ""
+        self.emitted = ""
+        self.stopped = False
+
+    def feed(self, data: bytes) -> str:
+        if self.stopped:
+            return ""
+        return self._release(self._held + self._decoder.decode(data))
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        return self._release(self._held + self._decoder.decode(b"", final=True), final=True)
+
+    def _release(self, pending: str, final: bool = False) -> str:
+        self._held = ""
+        if self._stop:
+            cut = min((i for i in (pending.find(s) for s in self._stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.stopped = True
+                pending = pending[:cut]
+            elif not final:
+                keep = _longest_stop_prefix_suffix(pending, self._stop)
+                if keep:
+                    pending, self._held = pending[:-keep], pending[-keep:]
+        self.emitted += pending
+        return pending
+
+
+def _longest_stop_prefix_suffix(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of ``text`` that begins some stop string."""
+    best = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), best, -1):
+            if stop.startswith(text[-length:]):
+                best = length
+                break
+    return best

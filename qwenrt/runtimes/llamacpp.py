@@ -1,0 +1,116 @@
+"""llama.cpp, through llama-cpp-python, on the GGUF Q8_0 artifact.
+
+Generation runs on llama-cpp-python's token-level loop (``Llama.generate``), not its
+chat-completion layer, which decodes the whole answer again at every token and holds
+text back on its own terms. ``generate`` also reuses the KV cache of the longest
+common prefix with the previous prompt, which is what a second chat turn needs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qwenrt.errors import ArtifactError, ModelNotFoundError
+from qwenrt.manifest import GGUF_KEY, artifact_files
+from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig
+
+
+class LlamaCppEngine(Engine):
+    name = "gguf"
+    description = "llama.cpp (llama-cpp-python) on GGUF Q8_0"
+
+    @classmethod
+    def artifact_path(cls, model_dir: Path) -> Path:
+        files = artifact_files(model_dir, GGUF_KEY)
+        if not files:
+            raise ModelNotFoundError(
+                f"{model_dir}: no GGUF model; make one with 'qwenrt convert demo' or 'qwenrt convert CHECKPOINT'"
+            )
+        return files[0]
+
+    def __init__(self, model_dir: Path, options: EngineOptions = EngineOptions()) -> None:
+        super().__init__(model_dir, options)
+        from llama_cpp import Llama
+
+        from qwenrt.gguf_check import check_gguf_header
+
+        path = self.artifact_path(self.model_dir)
+        check_gguf_header(path)
+        try:
+            self._llm = Llama(
+                model_path=str(path),
+                n_threads=self.threads.threads,
+                n_threads_batch=self.threads.threads,
+                n_ctx=self.context_length,
+                n_batch=512,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise ArtifactError(f"{path}: llama.cpp could not load the model ({exc})") from None
+        self.path = path
+        metadata = self._llm.metadata
+        self._chat_template = metadata.get("tokenizer.chat_template", "")
+        self._eos = frozenset({self._llm.token_eos()})
+        self._piece_cache: dict[int, bytes] = {}
+
+    @property
+    def chat_template(self) -> str:
+        return self._chat_template
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self._piece_cache.get(token_id)
+        if piece is None:
+            piece = self._piece_cache[token_id] = self._llm.detokenize([token_id], special=False)
+        return piece
+
+    def _generate(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[tuple[int, float]]:
+        llm = self._llm
+        if not self.options.prefix_cache:
+            llm.reset()
+        if config.seed is not None:
+            llm.set_seed(config.seed)
+        tokens = llm.generate(
+            prompt_ids,
+            temp=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            min_p=0.0,
+            repeat_penalty=1.0,
+            reset=True,
+        )
+        try:
+            for token in tokens:
+                yield token, time.perf_counter()
+        finally:
+            tokens.close()
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "engine": "llama.cpp",
+            "artifact": str(self.path),
+            "n_threads": self._llm.context_params.n_threads,
+            "n_threads_batch": self._llm.context_params.n_threads_batch,
+            "n_ctx": self._llm.n_ctx(),
+            "n_batch": self._llm.n_batch,
+            "pinned_cpus": self.threads.pinned_cpus() if self.threads.pin else None,
+            "prefix_cache": self.options.prefix_cache,
+        }
+
+    def close(self) -> None:
+        llm = getattr(self, "_llm", None)
+        if llm is not None:
+            llm.close()
+            self._llm = None
+
+
+ENGINE = LlamaCppEngine

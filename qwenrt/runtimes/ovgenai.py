@@ -1,0 +1,187 @@
+"""OpenVINO GenAI's ``LLMPipeline`` on the INT8 IR.
+
+GenAI's text streamer merges tokens until they make printable text, so it can
+neither count nor time tokens; a token-level streamer (``StreamerBase``) gets every
+token id as it is sampled. GenAI calls it on its own thread, and a queue hands the
+tokens to the caller's generator.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from qwenrt.errors import ArtifactError, ModelNotFoundError
+from qwenrt.manifest import OPENVINO_KEY, artifact_files
+from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig
+
+REQUIRED_FILES = {
+    "openvino_model.xml": "the model graph",
+    "openvino_model.bin": "the model weights",
+    "openvino_tokenizer.xml": "the tokenizer IR",
+    "openvino_detokenizer.xml": "the detokenizer IR",
+    "tokenizer.json": "the tokenizer vocabulary",
+}
+_DONE = object()
+
+
+class OpenVINOEngine(Engine):
+    name = "openvino"
+    description = "OpenVINO GenAI LLMPipeline on the INT8 IR"
+
+    @classmethod
+    def artifact_path(cls, model_dir: Path) -> Path:
+        files = artifact_files(model_dir, OPENVINO_KEY)
+        if not files:
+            raise ModelNotFoundError(
+                f"{model_dir}: no OpenVINO model; make one with 'qwenrt convert demo' or 'qwenrt convert CHECKPOINT'"
+            )
+        folder = files[0]
+        missing = [f"{name} ({what})" for name, what in REQUIRED_FILES.items() if not (folder / name).is_file()]
+        if missing:
+            raise ArtifactError(f"{folder}: incomplete OpenVINO model, missing {', '.join(missing)}; convert again")
+        return folder
+
+    def __init__(self, model_dir: Path, options: EngineOptions = EngineOptions()) -> None:
+        super().__init__(model_dir, options)
+        import openvino_genai as ov_genai
+
+        path = self.artifact_path(self.model_dir)
+        self._properties: dict[str, Any] = {
+            "INFERENCE_NUM_THREADS": self.threads.threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": self.threads.pin,
+        }
+        try:
+            self._pipe = ov_genai.LLMPipeline(str(path), "CPU", **self._properties)
+        except RuntimeError as exc:
+            first_line = (str(exc).strip().splitlines() or ["unknown error"])[0]
+            raise ArtifactError(f"{path}: OpenVINO could not load the model ({first_line[:200]})") from None
+        self.path = path
+        self._tokenizer = self._pipe.get_tokenizer()
+        self._bytes = _token_byte_table(path / "tokenizer.json")
+        self._eos = frozenset(
+            {self._tokenizer.get_eos_token_id()} | set(self._pipe.get_generation_config().stop_token_ids)
+        )
+
+    @property
+    def chat_template(self) -> str:
+        return self._tokenizer.chat_template
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos
+
+    def tokenize(self, text: str) -> list[int]:
+        encoded = self._tokenizer.encode(text, add_special_tokens=False)
+        return [int(token) for token in encoded.input_ids.data[0]]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+
+    def _generate(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[tuple[int, float]]:
+        import numpy as np
+        import openvino as ov
+        import openvino_genai as ov_genai
+
+        ids = np.asarray([prompt_ids], dtype=np.int64)
+        inputs = ov_genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
+        generation = self._generation_config(config)
+        tokens: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        cancelled = threading.Event()
+
+        class TokenStreamer(ov_genai.StreamerBase):
+            def write(self, token: int | list[int]) -> ov_genai.StreamingStatus:
+                now = time.perf_counter()
+                for token_id in token if isinstance(token, list) else [token]:
+                    tokens.put((token_id, now))
+                return ov_genai.StreamingStatus.CANCEL if cancelled.is_set() else ov_genai.StreamingStatus.RUNNING
+
+            def end(self) -> None:
+                pass
+
+        def run() -> None:
+            try:
+                self._pipe.generate(inputs, generation, TokenStreamer())
+            except BaseException as exc:  # handed to the caller's thread
+                tokens.put(exc)
+            tokens.put(_DONE)
+
+        worker = threading.Thread(target=run, name="openvino-generate", daemon=True)
+        worker.start()
+        try:
+            while (item := tokens.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+            worker.join()
+
+    def _generation_config(self, config: GenerationConfig) -> Any:
+        generation = self._pipe.get_generation_config()
+        generation.max_new_tokens = config.max_tokens
+        generation.ignore_eos = config.ignore_eos
+        generation.stop_strings = set()  # stop strings are cut by qwenrt, the same way for every engine
+        generation.do_sample = config.temperature > 0
+        if generation.do_sample:
+            generation.temperature = config.temperature
+            generation.top_p = config.top_p
+            if config.top_k:
+                generation.top_k = config.top_k
+            if config.seed is not None:
+                generation.rng_seed = config.seed
+        return generation
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "engine": "openvino-genai",
+            "artifact": str(self.path),
+            **self._properties,
+            "pinned_cpus": self.threads.pinned_cpus() if self.threads.pin else None,
+            "prefix_cache": self.options.prefix_cache,
+        }
+
+    def close(self) -> None:
+        self._pipe = None
+
+
+def _token_byte_table(tokenizer_json: Path) -> list[bytes]:
+    """The bytes of every token id, from the byte-level BPE vocabulary.
+
+    GenAI's detokenizer returns text, and a token that ends inside a UTF-8 character
+    has no text of its own; the bytes let qwenrt assemble whole characters itself.
+    """
+    spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    unicode_to_byte = _unicode_to_byte()
+    table: dict[int, bytes] = {
+        idx: bytes(unicode_to_byte[ch] for ch in text if ch in unicode_to_byte)
+        for text, idx in spec["model"]["vocab"].items()
+    }
+    for added in spec.get("added_tokens", []):
+        table[added["id"]] = b"" if added.get("special") else added["content"].encode("utf-8")
+    size = max(table) + 1 if table else 0
+    return [table.get(idx, b"") for idx in range(size)]
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    """Inverse of GPT-2's byte-to-printable-character map that byte-level BPE vocabularies use."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    mapping = {chr(b): b for b in printable}
+    shift = 0
+    for b in range(256):
+        if b not in printable:
+            mapping[chr(256 + shift)] = b
+            shift += 1
+    return mapping
+
+
+ENGINE = OpenVINOEngine

@@ -146,5 +146,101 @@ def chat(runtime: str, model: Path | None, threads: int | None, pin: bool, syste
             interactive(session, sys.stdout, stats)
 
 
+def _int_list(value: str, option: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise QwenrtError(f"{option} takes comma-separated whole numbers, not {value!r}") from None
+    if not numbers:
+        raise QwenrtError(f"{option} is empty")
+    return numbers
+
+
+def _read_prompt_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QwenrtError(f"{path}: prompt file not found") from None
+    except UnicodeDecodeError:
+        raise QwenrtError(f"{path}: prompt file is not UTF-8 text") from None
+    except OSError as exc:
+        raise QwenrtError(f"{path}: cannot read prompt file ({exc.strerror})") from None
+
+
+@cli.command()
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Model folder [default: the user cache].")
+@click.option("--runtimes", default=",".join(RUNTIMES), show_default=True, help="Engines to compare.")
+@click.option("--threads", "threads_list", default=None, help="Thread counts, e.g. 1,2 [default: physical cores].")
+@click.option(
+    "--scenario", default="short", show_default=True, help="short, long, second-turn, or several separated by commas."
+)
+@click.option("--prompt", default=None, help="Measure this prompt instead of a scenario.")
+@click.option("--prompt-file", type=click.Path(path_type=Path), default=None, help="Measure this file's text.")
+@click.option("--max-tokens", type=int, default=128, show_default=True, help="Tokens generated per repetition.")
+@click.option("--repeat", type=int, default=5, show_default=True, help="Measured repetitions per cell.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Discarded repetitions per cell.")
+@click.option("--timeout", type=float, default=900, show_default=True, help="Seconds allowed per cell.")
+@click.option("--pin", is_flag=True, help="Pin threads to physical cores.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+@click.option("--csv", "csv_out", type=click.Path(path_type=Path), default=None)
+@click.option("--markdown", "markdown_out", type=click.Path(path_type=Path), default=None)
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="PNG chart.")
+def compare(model: Path | None, runtimes: str, threads_list: str | None, scenario: str, prompt: str | None,
+            prompt_file: Path | None, max_tokens: int, repeat: int, warmup: int, timeout: float, pin: bool,
+            json_out: Path | None, csv_out: Path | None, markdown_out: Path | None,
+            plot_out: Path | None) -> None:  # fmt: skip
+    """Measure the engines side by side: first token, prefill, decode, CPU and memory."""
+    from qwenrt.compare import report as show
+    from qwenrt.compare.measure import CellSpec
+    from qwenrt.compare.runner import run_comparison
+    from qwenrt.compare.scenarios import scenario as find_scenario
+    from qwenrt.runtimes import engine_class
+    from qwenrt.runtimes.threads import ThreadPlan
+
+    model_dir = _model_dir(model)
+    names = [name.strip() for name in runtimes.split(",") if name.strip()]
+    for name in names:
+        engine_class(name).artifact_path(model_dir)  # a missing artifact fails now, not in a worker
+    thread_counts = [ThreadPlan.resolve(n).threads for n in _int_list(threads_list, "--threads")] if threads_list \
+        else [ThreadPlan.resolve(None).threads]  # fmt: skip
+    if max_tokens < 2 or repeat < 1 or warmup < 0:
+        raise QwenrtError("need --max-tokens of 2 or more, --repeat of 1 or more and --warmup of 0 or more")
+    if prompt_file is not None:
+        prompt = _read_prompt_file(prompt_file)
+    if prompt is not None and not prompt.strip():
+        raise QwenrtError("the prompt is empty")
+    scenarios = [None] if prompt is not None else [find_scenario(s.strip()).name for s in scenario.split(",")]
+    specs = [
+        CellSpec(runtime=name, model_dir=str(model_dir), threads=threads, scenario=sc or "custom", prompt=prompt,
+                 max_tokens=max_tokens, repeat=repeat, warmup=warmup, pin=pin)
+        for sc in scenarios for threads in thread_counts for name in names
+    ]  # fmt: skip
+
+    live = sys.stderr.isatty()
+    cells_started: set[str] = set()
+
+    def progress(text: str) -> None:
+        # One line rewritten in place on a terminal; in a log, one line as each cell starts.
+        cell = text.split(":")[0]
+        if live:
+            click.echo(f"\r\033[K{text}", nl=False, err=True)
+        elif cell not in cells_started:
+            cells_started.add(cell)
+            click.echo(f"{cell} …", err=True)
+
+    result = run_comparison(specs, timeout_s=timeout, progress=progress)
+    if live:
+        click.echo("\r\033[K", nl=False, err=True)
+    click.echo(show.render_terminal(result))
+    writers = [(json_out, show.write_json), (csv_out, show.write_csv), (plot_out, show.write_plot),
+               (markdown_out, lambda r, p: p.write_text(show.render_markdown(r), encoding="utf-8"))]  # fmt: skip
+    for path, write in writers:
+        if path is not None:
+            write(result, path)
+            click.echo(f"wrote {path}", err=True)
+    if not any(cell["status"] == "ok" for cell in result["cells"]):
+        raise QwenrtError("no cell could be measured")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,191 @@
+"""Measure one (engine, threads, scenario) cell, inside the process that runs it.
+
+Runs in a fresh worker process (see :mod:`qwenrt.compare.worker`), so the figures
+belong to this engine alone: its load, its threads, its memory. Every repetition
+hands the engine the same prompt ids, asks for exactly ``max_tokens`` greedy tokens
+(end of sequence ignored) and, except in the second-turn scenario, starts without a
+cached prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from qwenrt.compare.scenarios import Scenario, custom_scenario, scenario
+from qwenrt.compare.stats import summarise
+from qwenrt.runtimes import Engine, EngineOptions, GenerationConfig, StreamEnd, TokenEvent, open_engine
+from qwenrt.runtimes.chat_template import render_chat
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    runtime: str
+    model_dir: str
+    threads: int
+    scenario: str = "short"
+    prompt: str | None = None  # replaces the scenario's conversation
+    max_tokens: int = 128
+    repeat: int = 5
+    warmup: int = 1
+    pin: bool = False
+
+    def conversation(self) -> Scenario:
+        return custom_scenario(self.prompt) if self.prompt is not None else scenario(self.scenario)
+
+
+@dataclass
+class Repetition:
+    first_token_s: float
+    prefill_tps: float
+    decode_tps: float | None
+    inter_token_ms: list[float]
+    end_to_end_s: float
+    cpu_cores: float  # process CPU seconds per wall second during generation
+    per_core_busy: list[float]  # percent, whole machine, during generation
+    generated_tokens: int
+    token_ids: list[int]
+
+
+def run_cell(spec: CellSpec, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    conversation = spec.conversation()
+    second_turn = bool(conversation.previous)
+    process = psutil.Process()
+    started = time.perf_counter()
+    engine = open_engine(
+        spec.runtime,
+        Path(spec.model_dir),
+        EngineOptions(threads=spec.threads, pin=spec.pin, prefix_cache=second_turn),
+    )
+    with engine:
+        load_s = time.perf_counter() - started
+        rss_after_load = process.memory_info().rss
+        prompt_ids = engine.chat_prompt_ids(conversation.messages)
+        previous_ids = (
+            engine.tokenize(render_chat(engine.chat_template, conversation.previous, add_generation_prompt=False))
+            if second_turn
+            else None
+        )
+        config = GenerationConfig(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True)
+        engine.check_fits(len(prompt_ids), spec.max_tokens)
+        for index in range(spec.warmup):
+            progress(f"warm-up {index + 1}/{spec.warmup}")
+            _repetition(engine, prompt_ids, previous_ids, config, process)
+        repetitions = []
+        for index in range(spec.repeat):
+            progress(f"repetition {index + 1}/{spec.repeat}")
+            repetitions.append(_repetition(engine, prompt_ids, previous_ids, config, process))
+        cached_first_token_s = None
+        if not second_turn:
+            # The same prompt once more with the engine's prefix cache on: the figure
+            # that the cold repetitions must not be confused with.
+            engine.options = dataclasses.replace(engine.options, prefix_cache=True)
+            _repetition(engine, prompt_ids, None, config, process)
+            cached_first_token_s = _repetition(engine, prompt_ids, None, config, process).first_token_s
+        settings = engine.settings()
+    return _cell_result(spec, conversation, settings, load_s, rss_after_load, prompt_ids, repetitions,
+                        cached_first_token_s)  # fmt: skip
+
+
+def _repetition(
+    engine: Engine, prompt_ids: list[int], previous_ids: list[int] | None, config: GenerationConfig,
+    process: psutil.Process,
+) -> Repetition:  # fmt: skip
+    if previous_ids is not None:
+        # Put the first turn in the KV cache, as a real conversation would have it.
+        for _ in engine.stream(previous_ids, GenerationConfig(max_tokens=1, ignore_eos=True)):
+            pass
+    psutil.cpu_percent(percpu=True)
+    cpu_before = _cpu_seconds(process)
+    wall_before = time.perf_counter()
+    times: list[float] = []
+    ids: list[int] = []
+    end: StreamEnd | None = None
+    for event in engine.stream(prompt_ids, config):
+        if isinstance(event, TokenEvent):
+            if event.token_id >= 0:
+                times.append(event.time)
+                ids.append(event.token_id)
+        else:
+            end = event
+    wall = time.perf_counter() - wall_before
+    cpu = _cpu_seconds(process) - cpu_before
+    per_core = psutil.cpu_percent(percpu=True)
+    assert end is not None and end.first_token is not None
+    first_token_s = end.first_token - end.started
+    gaps = [(b - a) * 1000 for a, b in zip(times, times[1:], strict=False)]
+    return Repetition(
+        first_token_s=first_token_s,
+        prefill_tps=end.prompt_tokens / first_token_s,
+        decode_tps=end.decode_tokens_per_second,
+        inter_token_ms=gaps,
+        end_to_end_s=end.finished - end.started,
+        cpu_cores=cpu / wall if wall > 0 else 0.0,
+        per_core_busy=per_core,
+        generated_tokens=end.generated_tokens,
+        token_ids=ids,
+    )
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def _cell_result(
+    spec: CellSpec, conversation: Scenario, settings: dict[str, Any], load_s: float, rss_after_load: int,
+    prompt_ids: list[int], repetitions: list[Repetition], cached_first_token_s: float | None,
+) -> dict[str, Any]:  # fmt: skip
+    logical = psutil.cpu_count(logical=True) or 1
+    cores = summarise([r.cpu_cores for r in repetitions])
+    per_core = [sum(r.per_core_busy[i] for r in repetitions) / len(repetitions) for i in range(logical)]
+    return {
+        "runtime": spec.runtime,
+        "threads": spec.threads,
+        "scenario": conversation.name,
+        "status": "ok",
+        "settings": settings,
+        "prompt_tokens": len(prompt_ids),
+        "prompt_ids_sha256": _ids_digest(prompt_ids),
+        "generated_tokens": repetitions[0].generated_tokens,
+        "load_s": load_s,
+        "first_token_s": summarise([r.first_token_s for r in repetitions]),
+        "first_token_cached_s": cached_first_token_s,
+        "prefill_tps": summarise([r.prefill_tps for r in repetitions]),
+        "decode_tps": summarise([r.decode_tps for r in repetitions if r.decode_tps is not None]),
+        "inter_token_ms": summarise([gap for r in repetitions for gap in r.inter_token_ms]),
+        "end_to_end_s": summarise([r.end_to_end_s for r in repetitions]),
+        "cpu": {
+            "cores_used": cores,
+            "percent_of_threads": 100 * cores["median"] / spec.threads if cores else None,
+            "percent_of_machine": 100 * cores["median"] / logical if cores else None,
+            "per_core_busy_percent": per_core,
+        },
+        "rss_after_load_bytes": rss_after_load,
+        # ru_maxrss: the process's own peak, in KiB on Linux.
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "artifact_bytes": _artifact_size(Path(settings["artifact"])),
+        "token_ids": repetitions[0].token_ids,
+        "repeat": len(repetitions),
+        "pid": os.getpid(),
+    }
+
+
+def _ids_digest(ids: list[int]) -> str:
+    import hashlib
+
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+
+
+def _artifact_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -1,0 +1,223 @@
+"""Show a comparison: a side-by-side table, verdicts in words, JSON, CSV, Markdown and a chart.
+
+Only presentation lives here; the figures come from :mod:`qwenrt.compare.measure`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+
+@dataclass(frozen=True)
+class Metric:
+    label: str
+    value: Callable[[dict[str, Any]], float | None]
+    fmt: str
+    higher_is_better: bool | None  # None: shown, never ranked
+    spread: Callable[[dict[str, Any]], float | None] = lambda cell: None
+
+
+def _stat(key: str, stat: str = "median", scale: float = 1.0) -> Callable[[dict[str, Any]], float | None]:
+    def read(cell: dict[str, Any]) -> float | None:
+        summary = cell.get(key)
+        return None if not summary else summary[stat] * scale
+
+    return read
+
+
+def _cpu(key: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda cell: cell["cpu"][key]
+
+
+METRICS = [
+    Metric("load time (s)", lambda c: c["load_s"], "{:.2f}", False),
+    Metric("first token, median (ms)", _stat("first_token_s", scale=1000), "{:.0f}", False,
+           _stat("first_token_s", "stdev", 1000)),
+    Metric("first token, p90 (ms)", _stat("first_token_s", "p90", 1000), "{:.0f}", False),
+    Metric("first token, min (ms)", _stat("first_token_s", "min", 1000), "{:.0f}", False),
+    Metric("first token, prompt cached (ms)", lambda c: c["first_token_cached_s"] and c["first_token_cached_s"] * 1000,
+           "{:.0f}", None),
+    Metric("prefill (tok/s)", _stat("prefill_tps"), "{:.0f}", True, _stat("prefill_tps", "stdev")),
+    Metric("decode (tok/s)", _stat("decode_tps"), "{:.1f}", True, _stat("decode_tps", "stdev")),
+    Metric("inter-token, median (ms)", _stat("inter_token_ms"), "{:.1f}", False),
+    Metric("inter-token, p90 (ms)", _stat("inter_token_ms", "p90"), "{:.1f}", False),
+    Metric("end to end (s)", _stat("end_to_end_s"), "{:.2f}", False),
+    Metric("CPU cores busy", lambda c: c["cpu"]["cores_used"]["median"], "{:.2f}", None),
+    Metric("CPU, % of its threads", _cpu("percent_of_threads"), "{:.0f}", None),
+    Metric("CPU, % of machine", _cpu("percent_of_machine"), "{:.0f}", None),
+    Metric("peak memory (MB)", lambda c: c["peak_rss_bytes"] / 1e6, "{:.0f}", False),
+    Metric("artifact on disk (MB)", lambda c: c["artifact_bytes"] / 1e6, "{:.0f}", False),
+]  # fmt: skip
+
+
+def cell_label(cell: dict[str, Any]) -> str:
+    return f"{cell['runtime']} ×{cell['threads']}"
+
+
+def _format(metric: Metric, cell: dict[str, Any]) -> str:
+    value = metric.value(cell)
+    if value is None:
+        return "–"
+    text = metric.fmt.format(value)
+    spread = metric.spread(cell)
+    return f"{text} ±{metric.fmt.format(spread)}" if spread else text
+
+
+def table_rows(cells: list[dict[str, Any]], mark: str = " ◀") -> list[list[str]]:
+    """One row per metric, one column per cell; the best value of each row marked."""
+    rows = []
+    for metric in METRICS:
+        values = [metric.value(c) for c in cells]
+        best = None
+        ranked = [v for v in values if v is not None]
+        if metric.higher_is_better is not None and len(ranked) > 1:
+            best = max(ranked) if metric.higher_is_better else min(ranked)
+        rows.append(
+            [metric.label]
+            + [
+                _format(metric, c) + (mark if best is not None and v == best else "")
+                for c, v in zip(cells, values, strict=True)
+            ]
+        )
+    return rows
+
+
+def verdicts(report: dict[str, Any]) -> list[str]:
+    """Plain-words ratios between engines at the same thread count, with noise called out."""
+    lines = []
+    ok = [c for c in report["cells"] if c["status"] == "ok"]
+    for scenario, threads in sorted({(c["scenario"], c["threads"]) for c in ok}):
+        same = [c for c in ok if (c["scenario"], c["threads"]) == (scenario, threads)]
+        if len(same) < 2:
+            continue
+        a, b = same[0], same[1]
+        parts = []
+        for key, noun, higher in (("decode_tps", "decode", True), ("first_token_s", "first token", False),
+                                  ("prefill_tps", "prefill", True)):  # fmt: skip
+            sa, sb = a.get(key), b.get(key)
+            if not sa or not sb:
+                continue
+            winner, loser = (a, b) if (sa["median"] > sb["median"]) == higher else (b, a)
+            w, lo = winner[key], loser[key]
+            ratio = (w["median"] / lo["median"]) if higher else (lo["median"] / w["median"])
+            noise = (w["stdev"] + lo["stdev"]) >= abs(w["median"] - lo["median"])
+            verb = {"decode": "faster", "first token": "sooner", "prefill": "faster"}[noun]
+            text = f"{winner['runtime']}: {noun} {ratio:.2f}× {verb}"
+            parts.append(text + (" (within noise)" if noise else ""))
+        lines.append(f"{scenario}, {threads} thread{'s' if threads > 1 else ''}: " + "; ".join(parts))
+    for row in report.get("agreement", []):
+        share = row["identical_token_share"]
+        if share is None:
+            continue
+        where = "never" if row["first_difference"] is None else f"first at token {row['first_difference']}"
+        lines.append(
+            f"agreement {' vs '.join(row['runtimes'])}, {row['scenario']} ×{row['threads']}: "
+            f"{share:.0%} identical greedy tokens, "
+            f"differing {where}" + ("" if row["same_prompt_ids"] else " (prompt ids differ!)")
+        )
+    return lines
+
+
+def by_scenario(cells: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    order = list(dict.fromkeys(c["scenario"] for c in cells))
+    return [[c for c in cells if c["scenario"] == name] for name in order]
+
+
+def scenario_line(cell: dict[str, Any]) -> str:
+    cache = "first turn cached" if cell["scenario"] == "second-turn" else "cold prompt"
+    return (f"scenario {cell['scenario']}: {cell['prompt_tokens']} prompt tokens, {cell['generated_tokens']} new "
+            f"tokens, {cell['repeat']} repetitions, greedy, {cache}")  # fmt: skip
+
+
+def render_terminal(report: dict[str, Any]) -> str:
+    ok = [c for c in report["cells"] if c["status"] == "ok"]
+    out = []
+    env = report.get("environment", {})
+    if env:
+        out.append(f"{env['cpu']} · {env['physical_cores']} physical cores · {env['memory_bytes'] / 2**30:.0f} GiB · "
+                   + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v))  # fmt: skip
+    for cells in by_scenario(ok):
+        out += ["", scenario_line(cells[0])]
+        out.append(tabulate(table_rows(cells), headers=["metric"] + [cell_label(c) for c in cells], tablefmt="simple"))
+    if ok:
+        out += [""] + verdicts(report)
+    for cell in report["cells"]:
+        if cell["status"] != "ok":
+            out.append(f"FAILED {cell_label(cell)}: {cell['error']}")
+    if report.get("interrupted"):
+        out.append("interrupted: the cells above are those finished before Ctrl-C")
+    return "\n".join(out)
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_csv(report: dict[str, Any], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["runtime", "threads", "scenario", "status", "metric", "value"])
+        for cell in report["cells"]:
+            if cell["status"] != "ok":
+                writer.writerow([cell["runtime"], cell["threads"], cell["scenario"], "failed", "error", cell["error"]])
+                continue
+            for metric in METRICS:
+                value = metric.value(cell)
+                writer.writerow([cell["runtime"], cell["threads"], cell["scenario"], "ok", metric.label,
+                                 "" if value is None else f"{value:.6g}"])  # fmt: skip
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    ok = [c for c in report["cells"] if c["status"] == "ok"]
+    env = report.get("environment", {})
+    lines = ["# qwenrt compare", ""]
+    if env:
+        lines += [f"- CPU: {env['cpu']}, {env['physical_cores']} physical cores, {env['logical_cpus']} logical",
+                  f"- memory: {env['memory_bytes'] / 2**30:.1f} GiB; {env['os']}; Python {env['python']}",
+                  "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v), ""]  # fmt: skip
+    for cells in by_scenario(ok):
+        lines += [f"## {scenario_line(cells[0])}", ""]
+        lines.append(tabulate(table_rows(cells, mark=" **◀**"), headers=["metric"] + [cell_label(c) for c in cells],
+                              tablefmt="github"))  # fmt: skip
+        lines.append("")
+    lines += [f"- {line}" for line in verdicts(report)]
+    lines += [f"- FAILED {cell_label(c)}: {c['error']}" for c in report["cells"] if c["status"] != "ok"]
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(report: dict[str, Any], path: Path) -> None:
+    """Grouped bars: one group per (scenario, threads), one colour per engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [c for c in report["cells"] if c["status"] == "ok"]
+    groups = list(dict.fromkeys((c["scenario"], c["threads"]) for c in ok))
+    runtimes = list(dict.fromkeys(c["runtime"] for c in ok))
+    width = 0.8 / max(1, len(runtimes))
+    figure, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(groups) + 4), 4.5))
+    panels = [("decode_tps", 1.0, "decode (tokens/s, higher is better)"),
+              ("first_token_s", 1000.0, "first token (ms, lower is better)")]  # fmt: skip
+    for axis, (key, scale, title) in zip(axes, panels, strict=True):
+        for offset, runtime in enumerate(runtimes):
+            cells = {(c["scenario"], c["threads"]): c for c in ok if c["runtime"] == runtime}
+            xs = [i + offset * width for i, g in enumerate(groups) if g in cells]
+            medians = [cells[g][key]["median"] * scale for g in groups if g in cells]
+            spreads = [cells[g][key]["stdev"] * scale for g in groups if g in cells]
+            axis.bar(xs, medians, width, yerr=spreads, label=runtime, capsize=3)
+        axis.set_xticks([i + width * (len(runtimes) - 1) / 2 for i in range(len(groups))])
+        axis.set_xticklabels([f"{scenario}\n×{threads} threads" for scenario, threads in groups])
+        axis.set_title(title)
+        axis.legend()
+    figure.suptitle("qwenrt compare")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,68 @@
+"""What a comparison asks the engines: conversations that mean something to a user."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qwenrt.errors import QwenrtError
+from qwenrt.runtimes.chat_template import Message
+
+SHORT_PROMPT = "请写一段 Python 快速排序函数"
+
+# About 512 prompt tokens once templated: prefill dominates the first token.
+LONG_CONTEXT = (
+    "Below is a description of a small inventory service. Read it and answer the question at the end.\n"
+    + "\n".join(
+        f"Item {i}: warehouse {chr(65 + i % 6)}, shelf {i * 7 % 31}, {i * 13 % 97} units in stock, "
+        f"reorder level {i * 5 % 23}, supplier number {1000 + i * 37}."
+        for i in range(1, 23)
+    )
+    + "\nQuestion: which warehouses hold items below their reorder level? Answer briefly."
+)
+
+FIRST_TURN_ANSWER = (
+    "def quicksort(items):\n    if len(items) <= 1:\n        return items\n    pivot = items[len(items) // 2]\n"
+    "    left = [x for x in items if x < pivot]\n    middle = [x for x in items if x == pivot]\n"
+    "    right = [x for x in items if x > pivot]\n    return quicksort(left) + middle + quicksort(right)\n"
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    messages: tuple[Message, ...]
+    # A conversation whose KV cache the engine already holds (a previous turn): the
+    # measured prompt extends it, and prefix reuse is what is measured.
+    previous: tuple[Message, ...] = field(default=())
+
+
+SCENARIOS = {
+    "short": Scenario("short", "a short chat turn", ({"role": "user", "content": SHORT_PROMPT},)),
+    "long": Scenario(
+        "long", "a long prompt (~512 tokens): prefill matters", ({"role": "user", "content": LONG_CONTEXT},)
+    ),
+    "second-turn": Scenario(
+        "second-turn",
+        "a second chat turn reusing the first turn's cached prefix",
+        (
+            {"role": "user", "content": SHORT_PROMPT},
+            {"role": "assistant", "content": FIRST_TURN_ANSWER},
+            {"role": "user", "content": "Now make it sort in descending order."},
+        ),
+        previous=({"role": "user", "content": SHORT_PROMPT}, {"role": "assistant", "content": FIRST_TURN_ANSWER}),
+    ),
+}
+
+
+def scenario(name: str) -> Scenario:
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise QwenrtError(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}") from None
+
+
+def custom_scenario(prompt: str) -> Scenario:
+    if not prompt.strip():
+        raise QwenrtError("the prompt is empty")
+    return Scenario("custom", "the user's prompt", ({"role": "user", "content": prompt},))

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny Qwen2 checkpoint and its two converted artifacts, built once per run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_model import build_tiny_qwen2  # noqa: E402
+
+from qwenrt.paths import cache_root  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+QWENRT = [sys.executable, "-m", "qwenrt.cli"]
+
+
+# The demo weights and their conversion persist between runs (CI included) in the
+# user's cache, apart from the model folder that 'make demo' writes.
+USER_CACHE = cache_root()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test sees an empty qwenrt home, so none reads or writes the user's models."""
+    home = tmp_path_factory.mktemp("qwenrt-home")
+    os.environ["QWENRT_HOME"] = str(home)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A qwenrt model folder (GGUF Q8_0, OpenVINO INT8, manifest) converted from the tiny checkpoint."""
+    from qwenrt.convert.pipeline import convert
+
+    out = tmp_path_factory.mktemp("tiny-model") / "model"
+    convert(str(tiny_checkpoint), out, log=lambda line: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The demo model, converted on first use and kept in the user's cache."""
+    from qwenrt.convert.pipeline import convert
+
+    previous = os.environ["QWENRT_HOME"]
+    os.environ["QWENRT_HOME"] = str(USER_CACHE)
+    try:
+        return convert("demo", USER_CACHE / "test-models" / "demo", log=print).out_dir
+    finally:
+        os.environ["QWENRT_HOME"] = previous

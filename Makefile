@@ -21,6 +21,7 @@ demo: install
 	$(BIN)/qwenrt convert demo
 	$(BIN)/qwenrt chat --runtime gguf --stats -p "$(DEMO_PROMPT)"
 	$(BIN)/qwenrt chat --runtime openvino --stats -p "$(DEMO_PROMPT)"
+	$(BIN)/qwenrt compare --max-tokens 64 --repeat 3
 
 lint: install
 	$(BIN)/ruff check qwenrt tests

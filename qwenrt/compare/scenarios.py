@@ -15,7 +15,7 @@ LONG_CONTEXT = (
     + "\n".join(
         f"Item {i}: warehouse {chr(65 + i % 6)}, shelf {i * 7 % 31}, {i * 13 % 97} units in stock, "
         f"reorder level {i * 5 % 23}, supplier number {1000 + i * 37}."
-        for i in range(1, 23)
+        for i in range(1, 15)
     )
     + "\nQuestion: which warehouses hold items below their reorder level? Answer briefly."
 )

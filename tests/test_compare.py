@@ -1,0 +1,196 @@
+"""qwenrt compare, end to end, on real engines: cells in fresh processes, every output format."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+from conftest import QWENRT
+from tiny_model import build_tiny_qwen2
+
+from qwenrt.compare import report
+from qwenrt.compare.runner import agreement
+from qwenrt.compare.stats import percentile, summarise
+
+SCHEMA = json.loads((Path(__file__).parent.parent / "qwenrt" / "compare" / "schema.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Bigger than the tiny model, so that a repetition lasts long enough to measure CPU
+    time, and with a context that holds the ~512-token long scenario."""
+    from qwenrt.convert.pipeline import convert
+
+    checkpoint = build_tiny_qwen2(tmp_path_factory.mktemp("small-checkpoint"), layers=4, hidden=512, context=2048)
+    out = tmp_path_factory.mktemp("small-model") / "model"
+    convert(str(checkpoint), out, log=lambda line: None)
+    return out
+
+
+def run_compare(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*QWENRT, "compare", *args], capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def comparison(small_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("compare-out")
+    result = run_compare(
+        "--model", str(small_model), "--threads", "1,2", "--scenario", "short,long", "--max-tokens", "96",
+        "--repeat", "3", "--warmup", "1", "--json", str(out / "r.json"), "--csv", str(out / "r.csv"),
+        "--markdown", str(out / "r.md"), "--plot", str(out / "r.png"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return json.loads((out / "r.json").read_text()), out
+
+
+def ok_cells(data: dict, **where: object) -> list[dict]:
+    return [c for c in data["cells"] if c["status"] == "ok" and all(c[k] == v for k, v in where.items())]
+
+
+def test_every_cell_measured_and_json_matches_schema(comparison: tuple[dict, Path]) -> None:
+    data, _ = comparison
+    jsonschema.validate(data, SCHEMA)
+    cells = {(c["runtime"], c["threads"], c["scenario"]) for c in ok_cells(data)}
+    assert cells == {(r, t, s) for r in ("gguf", "openvino") for t in (1, 2) for s in ("short", "long")}
+    for cell in ok_cells(data):
+        assert cell["generated_tokens"] == 96  # end of sequence ignored: exactly max tokens
+        assert cell["first_token_s"]["n"] == 3
+        assert cell["decode_tps"]["median"] > 0
+        assert cell["peak_rss_bytes"] >= cell["rss_after_load_bytes"] > 0
+        assert cell["artifact_bytes"] > 0
+
+
+def test_cells_run_in_separate_processes(comparison: tuple[dict, Path]) -> None:
+    data, _ = comparison
+    pids = [c["pid"] for c in ok_cells(data)]
+    assert len(set(pids)) == len(pids)
+
+
+def test_engines_get_the_same_prompt_ids(comparison: tuple[dict, Path]) -> None:
+    data, _ = comparison
+    for row in data["agreement"]:
+        assert row["same_prompt_ids"], row
+        assert 0.0 <= row["identical_token_share"] <= 1.0
+    assert len(data["agreement"]) == 4  # one per (scenario, threads)
+
+
+def test_threads_show_as_cores_of_cpu_time(comparison: tuple[dict, Path]) -> None:
+    data, _ = comparison
+    for runtime in ("gguf", "openvino"):
+        one = ok_cells(data, runtime=runtime, threads=1, scenario="long")[0]["cpu"]["cores_used"]["median"]
+        two = ok_cells(data, runtime=runtime, threads=2, scenario="long")[0]["cpu"]["cores_used"]["median"]
+        assert 0.6 < one < 1.35, (runtime, one)
+        assert two > 1.3, (runtime, two)
+        assert ok_cells(data, runtime=runtime, threads=1, scenario="long")[0]["settings"]
+
+
+def test_cold_first_token_is_cold(comparison: tuple[dict, Path]) -> None:
+    """On the long prompt, the reported first token pays for the whole prompt; the same
+    prompt with the cache on (reported beside it) is several times faster."""
+    data, _ = comparison
+    for cell in ok_cells(data, scenario="long"):
+        assert cell["prompt_tokens"] > 400
+        assert cell["first_token_cached_s"] * 2 < cell["first_token_s"]["min"], cell["runtime"]
+
+
+def test_every_output_format_is_readable(comparison: tuple[dict, Path]) -> None:
+    data, out = comparison
+    rows = list(csv.DictReader((out / "r.csv").open()))
+    assert {row["runtime"] for row in rows} == {"gguf", "openvino"}
+    assert any(row["metric"] == "decode (tok/s)" and float(row["value"]) > 0 for row in rows)
+    markdown = (out / "r.md").read_text()
+    assert "| metric" in markdown and "decode (tok/s)" in markdown and "scenario long" in markdown
+    assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_terminal_report_marks_best_and_speaks_in_words(comparison: tuple[dict, Path]) -> None:
+    data, _ = comparison
+    text = report.render_terminal(data)
+    assert "◀" in text
+    assert "decode" in text and "×" in text
+    assert "agreement gguf vs openvino" in text
+
+
+def test_failed_cell_is_reported_and_others_still_run(small_model: Path, tmp_path: Path) -> None:
+    """The OpenVINO model is damaged; the GGUF cell still runs and the failure is a row."""
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(small_model, broken)
+    xml = broken / "openvino-int8" / "openvino_model.xml"
+    xml.write_text(xml.read_text()[:2000])
+    result = run_compare(
+        "--model", str(broken), "--max-tokens", "8", "--repeat", "1", "--json", str(tmp_path / "r.json")
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    statuses = {c["runtime"]: c["status"] for c in data["cells"]}
+    assert statuses == {"gguf": "ok", "openvino": "failed"}
+    assert "FAILED openvino" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--threads", "0"], "threads must be 1 or more"),
+        (["--threads", "x"], "comma-separated whole numbers"),
+        (["--prompt", "  "], "prompt is empty"),
+        (["--prompt-file", "/nonexistent/prompt.txt"], "prompt file not found"),
+        (["--scenario", "nope"], "unknown scenario"),
+        (["--runtimes", "onnx"], "unknown runtime"),
+    ],
+)
+def test_bad_options_give_one_line_errors(small_model: Path, args: list[str], message: str) -> None:
+    result = run_compare("--model", str(small_model), *args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qwenrt: error:") and message in lines[0], result.stderr
+
+
+def test_prompt_file_that_is_not_utf8(small_model: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "prompt.txt"
+    bad.write_bytes(b"\xff\xfe\x00bad")
+    result = run_compare("--model", str(small_model), "--prompt-file", str(bad))
+    assert result.returncode != 0 and "not UTF-8" in result.stderr
+
+
+def test_statistics() -> None:
+    assert percentile([1, 2, 3, 4, 5], 0.5) == 3
+    assert percentile([10, 20], 0.9) == pytest.approx(19)
+    summary = summarise([3.0, 1.0, 2.0])
+    assert summary is not None
+    assert (summary["median"], summary["min"], summary["max"], summary["n"]) == (2.0, 1.0, 3.0, 3)
+    assert summarise([]) is None
+
+
+def test_agreement_counts_identical_tokens() -> None:
+    cells = [
+        {"status": "ok", "runtime": "gguf", "scenario": "short", "threads": 1, "token_ids": [1, 2, 3, 4],
+         "prompt_ids_sha256": "a"},
+        {"status": "ok", "runtime": "openvino", "scenario": "short", "threads": 1, "token_ids": [1, 2, 9, 4],
+         "prompt_ids_sha256": "a"},
+    ]  # fmt: skip
+    (row,) = agreement(cells)
+    assert row["identical_token_share"] == 0.75
+    assert row["first_difference"] == 2
+
+
+@pytest.mark.real_weights
+def test_short_scenario_on_the_demo_model(demo_model: Path, tmp_path: Path) -> None:
+    result = run_compare("--model", str(demo_model), "--max-tokens", "64", "--repeat", "2",
+                         "--json", str(tmp_path / "r.json"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    jsonschema.validate(data, SCHEMA)
+    assert {c["runtime"] for c in ok_cells(data)} == {"gguf", "openvino"}
+    for cell in ok_cells(data):
+        assert cell["decode_tps"]["median"] > 1
+        assert cell["prompt_tokens"] > 20
+    (row,) = data["agreement"]
+    assert row["same_prompt_ids"]
+    print(result.stdout)

@@ -38,9 +38,21 @@ def write_manifest(model_dir: Path, manifest: dict[str, Any]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2, ensure_ascii=False)
             handle.write("\n")
+        chmod_like_new(Path(partial))
         os.replace(partial, model_dir / MANIFEST_FILE)
     finally:
         Path(partial).unlink(missing_ok=True)
+
+
+def chmod_like_new(path: Path) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (private: 0600/0700) the usual permissions.
+
+    What is renamed into place from a temporary name should be as readable as
+    anything else the user writes.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def artifact_record(model_dir: Path, key: str) -> dict[str, Any] | None:

@@ -41,8 +41,13 @@ TRAINING_TEXT = [
 ]
 
 
-def build_tiny_qwen2(out_dir: Path, *, layers: int = 2, seed: int = 0) -> Path:
-    """Write a tiny Qwen2 checkpoint (config, safetensors, tokenizer) to ``out_dir``."""
+def build_tiny_qwen2(
+    out_dir: Path, *, layers: int = 2, seed: int = 0, tied: bool = True, hidden: int = 64, context: int = 512
+) -> Path:
+    """Write a tiny Qwen2 checkpoint (config, safetensors, tokenizer) to ``out_dir``.
+
+    ``tied=False`` gives the model an output matrix of its own, as the demo weights have.
+    """
     import torch
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -73,7 +78,7 @@ def build_tiny_qwen2(out_dir: Path, *, layers: int = 2, seed: int = 0) -> Path:
         pad_token="<|endoftext|>",
         unk_token=None,
         bos_token=None,
-        model_max_length=512,
+        model_max_length=context,
         clean_up_tokenization_spaces=False,
     )
     tokenizer.chat_template = CHATML_TEMPLATE
@@ -82,15 +87,15 @@ def build_tiny_qwen2(out_dir: Path, *, layers: int = 2, seed: int = 0) -> Path:
     vocab_size = len(tokenizer)
     config = Qwen2Config(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=context,
         rope_theta=1_000_000.0,
         rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         # A wide initialisation makes the logits decisive, so greedy decoding of the
         # random model is stable under 8-bit quantisation.
         initializer_range=0.2,

@@ -48,7 +48,8 @@ class Checkpoint:
 
     @property
     def display_name(self) -> str:
-        return self.config.get("_name_or_path") or self.path.name
+        # transformers 5 saves the name as _model_name_or_path; older versions as _name_or_path.
+        return self.config.get("_model_name_or_path") or self.config.get("_name_or_path") or self.path.name
 
     @property
     def rope_theta(self) -> float:

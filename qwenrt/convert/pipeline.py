@@ -3,7 +3,8 @@
 New artifacts are written into a staging folder beside the model folder, checked
 in their own engine, and only then moved into place, one rename per artifact, the
 manifest last. A failed or interrupted conversion removes the staging folder and
-leaves the model folder as it was.
+leaves the model folder as it was; one killed outright leaves its staging folder,
+which the next conversion to the same folder removes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,6 +25,7 @@ from qwenrt.convert.demo import sha256_of
 from qwenrt.convert.gguf_q8 import write_gguf_q8_0
 from qwenrt.convert.openvino_int8 import Int8Scheme, export_openvino_int8
 from qwenrt.convert.sources import ResolvedSource, resolve_source, source_reference
+from qwenrt.convert.staging import make_staging, remove_stale_staging
 from qwenrt.errors import QwenrtError
 from qwenrt.manifest import (
     GGUF_KEY,
@@ -75,6 +76,8 @@ def convert(
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise QwenrtError(f"{out_dir}: exists and is not a folder")
+    for stale in remove_stale_staging(out_dir):
+        log(f"removed {stale.name}, left behind by an interrupted conversion")
     manifest = read_manifest(out_dir)
     if manifest.get("source", {}).get("reference") != source_reference(source):
         manifest = {}  # another source's artifacts are replaced, never reused
@@ -91,8 +94,7 @@ def convert(
 
     resolved = resolve_source(source)
     log(f"source: {resolved.reference} ({resolved.kind}) → {resolved.checkpoint.path}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    staging = make_staging(out_dir)
     try:
         names = {GGUF_KEY: f"{resolved.name}-q8_0.gguf", OPENVINO_KEY: OPENVINO_DIR}
         records: dict[str, dict[str, Any]] = {}
@@ -179,7 +181,8 @@ def _updated_manifest(
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_name": resolved.name,
-        "source": resolved.describe(),
+        # The checkpoint both artifacts came from; the transformers baseline engine runs on it.
+        "source": {**resolved.describe(), "checkpoint": str(resolved.checkpoint.path)},
         "context_length": int(resolved.checkpoint.config["max_position_embeddings"]),
         "artifacts": artifacts,
         "tools": {tool: _version(tool) for tool in TOOLS},

@@ -11,12 +11,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwenrt.convert.checkpoint import Checkpoint
 from qwenrt.convert.demo import DEMO_NAME, fetch_demo_gguf, sha256_of
+from qwenrt.convert.staging import OWNER_FILE, make_staging, remove_stale_staging
 from qwenrt.errors import SourceError
 from qwenrt.gguf_check import check_gguf
 from qwenrt.paths import downloads_dir
@@ -86,11 +86,16 @@ def _download_from_hub(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except Exception as exc:  # hub errors come in many classes; all mean the same here
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SourceError(
-            f"cannot download {repo_id} ({first_line[:160]}); with no network, give a local "
-            "checkpoint folder, a .gguf file, or 'demo'"
+            f"cannot download {repo_id} ({_first_sentence(str(exc)) or type(exc).__name__}); with no network, "
+            "give a local checkpoint folder, a .gguf file, or 'demo'"
         ) from None
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    # Hub errors run to several lines of advice; the first sentence says what happened.
+    sentence = (text.strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= limit else sentence[:limit].rsplit(" ", 1)[0] + " …"
 
 
 def dequantise_gguf(gguf_file: Path, cache: Path | None = None) -> Checkpoint:
@@ -100,11 +105,17 @@ def dequantise_gguf(gguf_file: Path, cache: Path | None = None) -> Checkpoint:
     target = (cache or downloads_dir()) / "dequantised" / digest[:16]
     if (target / "config.json").is_file():
         return Checkpoint.open(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    remove_stale_staging(target)
+    staging = make_staging(target)
     try:
         _dequantise_into(gguf_file, info, staging)
-        os.replace(staging, target)
+        (staging / OWNER_FILE).unlink()
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another conversion of the same file finished first; its result is as good.
+            if not (target / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Checkpoint.open(target)

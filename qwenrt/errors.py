@@ -19,3 +19,7 @@ class ModelNotFoundError(QwenrtError):
 
 class ArtifactError(QwenrtError):
     """A converted artifact is damaged or incomplete."""
+
+
+class WriteError(QwenrtError):
+    """Writing failed: no space left, no permission, or a file where a folder should be."""

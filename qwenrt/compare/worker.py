@@ -8,6 +8,7 @@ inheriting each other's memory, threads and caches.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 from qwenrt.compare.measure import CellSpec, run_cell
@@ -20,6 +21,9 @@ def _emit(message: dict) -> None:
 
 
 def main() -> None:
+    # Ctrl-C at the terminal reaches the whole process group; the comparison (the parent)
+    # decides what it means: it stops this worker and reports the cells finished so far.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     spec = CellSpec(**json.loads(sys.stdin.read()))
     try:
         result = run_cell(spec, progress=lambda text: _emit({"progress": text}))

@@ -7,12 +7,13 @@ detokenizer IRs that openvino-genai needs beside the model.
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from qwenrt.convert.checkpoint import Checkpoint
-from qwenrt.errors import SourceError
+from qwenrt.errors import SourceError, WriteError
 
 MODEL_XML = "openvino_model.xml"
 TOKENIZER_XML = "openvino_tokenizer.xml"
@@ -51,10 +52,25 @@ def export_openvino_int8(checkpoint: Checkpoint, out_dir: Path, scheme: Int8Sche
         tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
         tokenizer.save_pretrained(out_dir)
         ov_tokenizer, ov_detokenizer = convert_tokenizer(tokenizer, with_detokenizer=True)
-    except (OSError, ValueError, KeyError) as exc:
+        ov.save_model(ov_tokenizer, out_dir / TOKENIZER_XML)
+        ov.save_model(ov_detokenizer, out_dir / DETOKENIZER_XML)
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # a real I/O failure (a full disk, say): the conversion names it and the way out
+        # transformers raises errno-less OSErrors for files it cannot find in the checkpoint.
         raise SourceError(f"{checkpoint.path}: OpenVINO export failed ({exc})") from None
-    ov.save_model(ov_tokenizer, out_dir / TOKENIZER_XML)
-    ov.save_model(ov_detokenizer, out_dir / DETOKENIZER_XML)
+    except (ValueError, KeyError) as exc:
+        raise SourceError(f"{checkpoint.path}: OpenVINO export failed ({exc})") from None
+    except RuntimeError as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        if "iostream" in first_line:
+            # OpenVINO's serializer reports a failed write (a full disk) only as a stream error.
+            raise WriteError(
+                f"OpenVINO could not write the model ({first_line}); the partial work was removed: free some space "
+                f"beside the model folder and in {tempfile.gettempdir()} (the export's scratch space), "
+                "or choose another --out, then convert again"
+            ) from None
+        raise SourceError(f"{checkpoint.path}: OpenVINO export failed ({first_line})") from None
     missing = [name for name in REQUIRED_FILES if not (out_dir / name).is_file()]
     if missing:
         raise SourceError(f"OpenVINO export did not write {', '.join(missing)}")

@@ -9,10 +9,15 @@ which the next conversion to the same folder removes.
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -22,11 +27,11 @@ from typing import Any
 from qwenrt import __version__
 from qwenrt.convert.checkpoint import Checkpoint
 from qwenrt.convert.demo import sha256_of
-from qwenrt.convert.gguf_q8 import write_gguf_q8_0
+from qwenrt.convert.gguf_writer import write_gguf
 from qwenrt.convert.openvino_int8 import Int8Scheme, export_openvino_int8
 from qwenrt.convert.sources import ResolvedSource, resolve_source, source_reference
 from qwenrt.convert.staging import make_staging, remove_stale_staging
-from qwenrt.errors import QwenrtError
+from qwenrt.errors import QwenrtError, WriteError
 from qwenrt.manifest import (
     GGUF_KEY,
     MANIFEST_FILE,
@@ -41,6 +46,8 @@ FORMATS = (GGUF_KEY, OPENVINO_KEY)
 TOOLS = ["qwenrt", "gguf", "llama-cpp-python", "openvino", "openvino-genai", "openvino-tokenizers",
          "optimum-intel", "nncf", "transformers", "torch"]  # fmt: skip
 VERIFY_TOKENS = 4
+SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 @dataclass
@@ -75,7 +82,7 @@ def convert(
     started = time.perf_counter()
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists() and not out_dir.is_dir():
-        raise QwenrtError(f"{out_dir}: exists and is not a folder")
+        raise QwenrtError(f"{out_dir}: exists and is not a folder; choose another --out")
     for stale in remove_stale_staging(out_dir):
         log(f"removed {stale.name}, left behind by an interrupted conversion")
     manifest = read_manifest(out_dir)
@@ -92,25 +99,95 @@ def convert(
     if not todo:
         return ConversionResult(out_dir, results, time.perf_counter() - started, _peak_rss())
 
-    resolved = resolve_source(source)
-    log(f"source: {resolved.reference} ({resolved.kind}) → {resolved.checkpoint.path}")
-    staging = make_staging(out_dir)
-    try:
-        names = {GGUF_KEY: f"{resolved.name}-q8_0.gguf", OPENVINO_KEY: OPENVINO_DIR}
-        records: dict[str, dict[str, Any]] = {}
-        for key in todo:
-            result, record = _build(key, resolved.checkpoint, staging, names[key], scheme, log)
-            if verify:
-                result.verified_text = _verify(key, staging, record, resolved.checkpoint, log)
-            results.append(result)
-            records[key] = record
-        manifest = _updated_manifest(manifest, resolved, records)
-        _install(staging, out_dir, records, manifest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _check_writable(out_dir)
+    with _ctrl_c_remembered() as stop_if_interrupted:
+        try:
+            resolved = resolve_source(source)
+            log(f"source: {resolved.reference} ({resolved.kind}) → {resolved.checkpoint.path}")
+            staging = make_staging(out_dir)
+        except OSError as exc:
+            raise _os_failure(exc, out_dir) from None
+        try:
+            names = {GGUF_KEY: f"{resolved.name}-q8_0.gguf", OPENVINO_KEY: OPENVINO_DIR}
+            records: dict[str, dict[str, Any]] = {}
+            for key in todo:
+                result, record = _build(key, resolved.checkpoint, staging, names[key], scheme, log)
+                stop_if_interrupted()
+                if verify:
+                    result.verified_text = _verify(key, staging, record, resolved.checkpoint, log)
+                    stop_if_interrupted()
+                results.append(result)
+                records[key] = record
+            manifest = _updated_manifest(manifest, resolved, records)
+            stop_if_interrupted()  # the last moment at which the model folder is still as it was
+            _install(staging, out_dir, records, manifest)
+        except OSError as exc:
+            raise _os_failure(exc, out_dir) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     for result in results:
         result.path = out_dir / result.path.name
     return ConversionResult(out_dir, results, time.perf_counter() - started, _peak_rss())
+
+
+@contextmanager
+def _ctrl_c_remembered() -> Iterator[Callable[[], None]]:
+    """Ctrl-C raises KeyboardInterrupt as always, and is also remembered, so that a library
+    that swallows it (a bare ``except:`` around an import, say) cannot make the conversion go
+    on regardless: the returned function raises it again at the next step."""
+    previous = signal.getsignal(signal.SIGINT)
+    # Only the main thread may set handlers; an ignored Ctrl-C stays ignored, and a handler
+    # set outside Python (getsignal gives None) could not be put back.
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield lambda: None
+        return
+    pressed = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        pressed.set()
+        raise KeyboardInterrupt
+
+    def stop_if_interrupted() -> None:
+        if pressed.is_set():
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop_if_interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Refuse at once, not after minutes of work, a model folder that cannot be written."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise WriteError(f"{existing} is a file, so the folder {out_dir} cannot be made; choose another --out")
+    # Staging folders go beside the model folder, so its parent must be writable too.
+    folders = {existing, out_dir.parent} if out_dir.parent.is_dir() else {existing}
+    for folder in sorted(folders):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise WriteError(f"no permission to write in {folder}; choose another --out")
+
+
+def _os_failure(exc: OSError, out_dir: Path) -> QwenrtError:
+    """What an OSError met while converting means to the user, and the way out."""
+    where = exc.filename or out_dir
+    reason = exc.strerror or str(exc)
+    cleaned = "the partial work was removed"
+    # numpy's tofile (the GGUF writer's) reports a short write with no errno.
+    if exc.errno in SPACE_ERRNOS or (exc.errno is None and "written" in reason):
+        return WriteError(
+            f"no space left writing {where} ({reason}); {cleaned}: free some space or choose another --out, "
+            "then convert again"
+        )
+    if exc.errno in PERMISSION_ERRNOS:
+        return WriteError(f"no permission to write {where} ({reason}); {cleaned}: choose another --out")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return WriteError(f"{where} is in the way of the model folder ({reason}); {cleaned}: choose another --out")
+    return QwenrtError(f"conversion failed at {where} ({reason}); {cleaned}")
 
 
 def _is_complete(out_dir: Path, manifest: dict[str, Any], key: str) -> bool:
@@ -132,7 +209,7 @@ def _build(
     target = staging / name
     if key == GGUF_KEY:
         log("gguf: writing Q8_0 …")
-        types = write_gguf_q8_0(checkpoint, target)
+        types = write_gguf(checkpoint, target)
         extra: dict[str, Any] = {"format": "gguf", "quantization": "Q8_0"}
     else:
         log(f"openvino: exporting with {scheme.describe()} weights …")
@@ -200,6 +277,9 @@ def _version(package: str) -> str | None:
 
 def _install(staging: Path, out_dir: Path, records: dict[str, dict[str, Any]], manifest: dict[str, Any]) -> None:
     """Move each staged artifact into ``out_dir`` with one rename, then the manifest."""
+    # The manifest is written in the staging folder too, so that everything that takes
+    # space is on disk before the first rename: a full disk fails here, not half-way through.
+    write_manifest(staging, manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = read_manifest(out_dir).get("artifacts", {})
     for key, record in stale.items():
@@ -212,7 +292,7 @@ def _install(staging: Path, out_dir: Path, records: dict[str, dict[str, Any]], m
             os.replace(final, old)
         os.replace(new, final)
         _remove(old)
-    write_manifest(out_dir, manifest)
+    os.replace(staging / MANIFEST_FILE, out_dir / MANIFEST_FILE)
 
 
 def _remove(path: Path) -> None:

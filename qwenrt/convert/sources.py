@@ -98,11 +98,16 @@ def _first_sentence(text: str, limit: int = 160) -> str:
     return sentence if len(sentence) <= limit else sentence[:limit].rsplit(" ", 1)[0] + " …"
 
 
+def dequantised_path(gguf_sha256: str, cache: Path | None = None) -> Path:
+    """Where the float checkpoint of a GGUF with this hash is cached."""
+    return (cache or downloads_dir()) / "dequantised" / gguf_sha256[:16]
+
+
 def dequantise_gguf(gguf_file: Path, cache: Path | None = None) -> Checkpoint:
     """A float32 checkpoint made from a Qwen2 GGUF by transformers, cached by content hash."""
     info = check_gguf(gguf_file)
     digest = sha256_of(gguf_file, desc=f"Hashing {gguf_file.name}")
-    target = (cache or downloads_dir()) / "dequantised" / digest[:16]
+    target = dequantised_path(digest, cache)
     if (target / "config.json").is_file():
         return Checkpoint.open(target)
     remove_stale_staging(target)

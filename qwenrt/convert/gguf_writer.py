@@ -1,4 +1,4 @@
-"""Write a Hugging Face Qwen2 checkpoint as a GGUF file with Q8_0 weights.
+"""Write a Hugging Face Qwen2 checkpoint as a GGUF file with Q8_0 (or F16) weights.
 
 Built on the ``gguf`` package: its writer, its qwen2 tensor-name map, its Q8_0
 quantiser and its special-token reader. What it does not do for a Hugging Face
@@ -24,12 +24,22 @@ from qwenrt.errors import SourceError
 Q8_0_BLOCK = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
 
 
-def write_gguf_q8_0(checkpoint: Checkpoint, out_file: Path) -> dict[str, int]:
-    """Write ``out_file``; returns the count of tensors per GGML type."""
+# The file types llama.cpp records for a model whose matrices are all of one type.
+FILE_TYPES = {
+    gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
+}
+
+
+def write_gguf(
+    checkpoint: Checkpoint, out_file: Path, matrix_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.Q8_0
+) -> dict[str, int]:
+    """Write ``out_file`` with every 2-D weight in ``matrix_type`` (Q8_0: qwenrt's artifact;
+    F16: the float baseline of ``compare --ladder``); returns the count of tensors per type."""
     config = checkpoint.config
     n_layers = config["num_hidden_layers"]
     writer = gguf.GGUFWriter(out_file, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
-    _add_hyperparameters(writer, checkpoint)
+    _add_hyperparameters(writer, checkpoint, FILE_TYPES[matrix_type])
     _add_tokenizer(writer, checkpoint)
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, n_layers)
@@ -37,14 +47,14 @@ def write_gguf_q8_0(checkpoint: Checkpoint, out_file: Path) -> dict[str, int]:
     types: Counter[str] = Counter()
     expected = _expected_tensor_names(n_layers, tied)
     for hf_name, tensor in progress_bar(
-        _float_tensors(checkpoint), total=checkpoint.tensor_count(), desc="Quantising to Q8_0", unit="tensor"
+        _float_tensors(checkpoint), total=checkpoint.tensor_count(), desc=f"Writing {matrix_type.name}", unit="tensor"
     ):
         if tied and hf_name == "lm_head.weight":
             continue  # the same matrix as the token embedding; llama.cpp reuses it
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise SourceError(f"{checkpoint.path}: tensor {hf_name!r} has no place in a qwen2 GGUF")
-        data, qtype = _encode(tensor)
+        data, qtype = _encode(tensor, matrix_type)
         writer.add_tensor(gguf_name, data, raw_dtype=qtype)
         types[qtype.name] += 1
         expected.discard(gguf_name)
@@ -58,8 +68,8 @@ def write_gguf_q8_0(checkpoint: Checkpoint, out_file: Path) -> dict[str, int]:
     return dict(types)
 
 
-def _encode(tensor: np.ndarray) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    if tensor.ndim == 2 and tensor.shape[-1] % Q8_0_BLOCK == 0:
+def _encode(tensor: np.ndarray, matrix_type: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    if tensor.ndim == 2 and matrix_type == gguf.GGMLQuantizationType.Q8_0 and tensor.shape[-1] % Q8_0_BLOCK == 0:
         return gguf.quants.quantize(tensor, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
     if tensor.ndim == 2:
         return tensor.astype(np.float16), gguf.GGMLQuantizationType.F16
@@ -85,7 +95,7 @@ def _expected_tensor_names(n_layers: int, tied: bool) -> set[str]:
     return names
 
 
-def _add_hyperparameters(writer: gguf.GGUFWriter, checkpoint: Checkpoint) -> None:
+def _add_hyperparameters(writer: gguf.GGUFWriter, checkpoint: Checkpoint, file_type: gguf.LlamaFileType) -> None:
     config = checkpoint.config
     writer.add_name(checkpoint.display_name)
     writer.add_context_length(config["max_position_embeddings"])
@@ -96,7 +106,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, checkpoint: Checkpoint) -> Non
     writer.add_head_count_kv(config.get("num_key_value_heads", config["num_attention_heads"]))
     writer.add_rope_freq_base(checkpoint.rope_theta)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 

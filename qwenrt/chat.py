@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from qwenrt.errors import QwenrtError
 from qwenrt.runtimes import Engine, Event, GenerationConfig, StreamEnd, TokenEvent
 from qwenrt.runtimes.chat_template import Message
 
@@ -34,7 +37,13 @@ class ChatSession:
         """Stream the answer to ``text``; the answer is remembered even if the caller stops early."""
         self.messages.append({"role": "user", "content": text})
         answer: list[str] = []
-        stream = self.engine.stream_chat(self.messages, self.config, cancel)
+        try:
+            stream = self.engine.stream_chat(self.messages, self.config, cancel)
+        except BaseException:
+            # A refused question (too long for the context) must not stay in the conversation,
+            # or every later turn would be refused for it too.
+            self.messages.pop()
+            raise
         try:
             for event in stream:
                 if isinstance(event, TokenEvent):
@@ -59,22 +68,47 @@ def format_stats(end: StreamEnd) -> str:
 def print_answer(session: ChatSession, text: str, out: TextIO, stats: bool) -> StreamEnd | None:
     """Stream one answer to ``out``; Ctrl-C stops the answer, not the session."""
     end: StreamEnd | None = None
-    events = session.ask(text)
+    cancel = threading.Event()
+    events = session.ask(text, cancel)
     try:
-        for event in events:
-            if isinstance(event, TokenEvent):
-                out.write(event.text)
-                out.flush()
-            else:
-                end = event
+        with _ctrl_c_cancels(cancel):
+            for event in events:
+                if isinstance(event, TokenEvent):
+                    out.write(event.text)
+                    out.flush()
+                else:
+                    end = event
     except KeyboardInterrupt:
         events.close()
+    if end is None or end.reason == "cancelled":
         out.write("\n[answer stopped]")
     out.write("\n")
     if stats and end is not None:
         out.write(format_stats(end) + "\n")
     out.flush()
     return end
+
+
+@contextmanager
+def _ctrl_c_cancels(cancel: threading.Event) -> Iterator[None]:
+    """Turn the first Ctrl-C into a cancel request that the engine honours after its current
+    token, so the answer ends through the engine's own stop path (with its statistics) instead
+    of an exception thrown into the middle of engine code. A second Ctrl-C, say during a long
+    prompt that yields no token to stop at, interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers
+        return
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def interactive(session: ChatSession, out: TextIO = sys.stdout, stats: bool = False,
@@ -100,4 +134,9 @@ def interactive(session: ChatSession, out: TextIO = sys.stdout, stats: bool = Fa
             session.reset()
             out.write("[conversation reset]\n")
             continue
-        print_answer(session, text, out, stats)
+        try:
+            print_answer(session, text, out, stats)
+        except QwenrtError as exc:
+            # The session survives a refused question: the user can ask a shorter one or start over.
+            out.write(f"qwenrt: error: {exc} ({RESET_COMMAND} starts over)\n")
+            out.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 import warnings
@@ -10,7 +11,7 @@ from pathlib import Path
 import click
 
 from qwenrt import __version__
-from qwenrt.errors import ModelNotFoundError, QwenrtError
+from qwenrt.errors import ArtifactError, ModelNotFoundError, QwenrtError
 from qwenrt.paths import default_model_dir
 
 RUNTIMES = ["gguf", "openvino"]
@@ -23,28 +24,68 @@ def _fail(message: str, code: int) -> None:
 
 def main() -> None:
     """Entry point: every failure ends in one line on standard error and a non-zero exit."""
-    debug = "--debug" in sys.argv[1:]
+    # --debug is accepted anywhere on the line: the advice "run with --debug" is followed
+    # by adding it to the end of the command that failed, not by moving it before the command.
+    args = sys.argv[1:]
+    debug = "--debug" in args
+    args = [arg for arg in args if arg != "--debug"]
     warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"qwenrt: warning: {message}", err=True)
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=args, prog_name="qwenrt", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("\nqwenrt: interrupted", err=True)
-        sys.exit(130)
+        _interrupted()
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "qwenrt"
+        _fail(f"{exc.format_message()} (see '{command} --help')", exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except QwenrtError as exc:
-        if debug:
-            traceback.print_exc()
-        _fail(str(exc), exc.exit_code)
+        _fail(exc.format_message(), exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("\nqwenrt: interrupted", err=True)
-        sys.exit(130)
-    except Exception as exc:  # the last line of defence: no traceback unless asked
+        _interrupted()
+    except Exception as exc:
         if debug:
             traceback.print_exc()
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        _fail(f"unexpected {type(exc).__name__}: {first_line} (run with --debug for details)", 1)
+        _report(exc)
+
+
+def _interrupted() -> None:
+    click.echo("\nqwenrt: interrupted", err=True)
+    sys.exit(130)
+
+
+def _report(exc: Exception) -> None:
+    """One line for any exception that reached the top, saying what it means for the user."""
+    if _caused_by_ctrl_c(exc):
+        _interrupted()
+    if isinstance(exc, QwenrtError):
+        _fail(str(exc), exc.exit_code)
+    if isinstance(exc, BrokenPipeError):
+        # The reader went away (`qwenrt chat -p ... | head -1`): nothing is left to tell it, and
+        # Python's own flush at exit must not complain about the closed pipe either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    if isinstance(exc, (UnicodeDecodeError, UnicodeEncodeError)):
+        # Python reads arguments and piped text that are not UTF-8 with their bad bytes
+        # kept as surrogates; the error comes when those reach an encoder.
+        _fail("the input is not UTF-8 text; give qwenrt prompts and files in UTF-8", 2)
+    # The last line of defence: no traceback unless asked.
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    _fail(f"unexpected {type(exc).__name__}: {first_line} (run with --debug for details)", 1)
+
+
+def _caused_by_ctrl_c(exc: BaseException) -> bool:
+    """Ctrl-C inside native code (a C extension's initialisation, a C++ callback) comes back as
+    another exception raised from the KeyboardInterrupt: that is an interruption all the same."""
+    pending: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        pending += [current.__cause__, current.__context__]
+    return False
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -116,6 +157,12 @@ def _model_dir(model: Path | None) -> Path:
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="Model folder [default: the user cache].")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores].")
 @click.option("--pin", is_flag=True, help="Pin the threads to physical cores.")
+@click.option(
+    "--context-length",
+    type=int,
+    default=None,
+    help="Context window in tokens [default: the model's trained context, at most 4096].",
+)
 @click.option("--system", default=None, help="System message.")
 @click.option("--max-tokens", type=int, default=512, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
@@ -125,20 +172,25 @@ def _model_dir(model: Path | None) -> Path:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("-p", "--prompt", default=None, help="Answer this prompt and exit.")
 @click.option("--stats", is_flag=True, help="Show first-token latency and tokens/s after each answer.")
-def chat(runtime: str, model: Path | None, threads: int | None, pin: bool, system: str | None, max_tokens: int,
+def chat(runtime: str, model: Path | None, threads: int | None, pin: bool, context_length: int | None,
+         system: str | None, max_tokens: int,
          temperature: float, top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...],
          prompt: str | None, stats: bool) -> None:  # fmt: skip
     """Chat with the model, streaming; one-shot with -p or a piped prompt."""
     from qwenrt.chat import ChatSession, interactive, print_answer
-    from qwenrt.runtimes import EngineOptions, GenerationConfig, open_engine
+    from qwenrt.runtimes import EngineOptions, GenerationConfig, engine_class, open_engine
 
     config = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               seed=seed, stop=stop)  # fmt: skip
+    options = EngineOptions(threads=threads, pin=pin, context_length=context_length)
+    # A missing model is the likelier mistake: report it before waiting on a piped prompt.
+    model_dir = _model_dir(model)
+    engine_class(runtime).artifact_path(model_dir)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     if prompt is not None and not prompt.strip():
         raise QwenrtError("the prompt is empty")
-    with open_engine(runtime, _model_dir(model), EngineOptions(threads=threads, pin=pin)) as engine:
+    with open_engine(runtime, model_dir, options) as engine:
         session = ChatSession(engine, config, system)
         if prompt is not None:
             print_answer(session, prompt.strip(), sys.stdout, stats)
@@ -199,12 +251,26 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
 
     model_dir = _model_dir(model)
     names = [name.strip() for name in runtimes.split(",") if name.strip()]
+    problems: dict[str, QwenrtError] = {}
     for name in names:
-        engine_class(name).artifact_path(model_dir)  # a missing artifact fails now, not in a worker
+        try:
+            engine_class(name).artifact_path(model_dir)  # a missing artifact fails now, not in a worker
+        except (ModelNotFoundError, ArtifactError) as exc:
+            problems[name] = exc
+    if problems:
+        first = next(iter(problems.values()))
+        present = [name for name in names if name not in problems]
+        instead = f"; or compare the engines that have a model: --runtimes {','.join(present)}" if present else ""
+        raise type(first)(f"{first}{instead}")
     thread_counts = [ThreadPlan.resolve(n).threads for n in _int_list(threads_list, "--threads")] if threads_list \
         else [ThreadPlan.resolve(None).threads]  # fmt: skip
     if max_tokens < 2 or repeat < 1 or warmup < 0:
         raise QwenrtError("need --max-tokens of 2 or more, --repeat of 1 or more and --warmup of 0 or more")
+    if timeout <= 0:
+        raise QwenrtError(f"--timeout must be more than 0 seconds, not {timeout:g}")
+    for path in (json_out, csv_out, markdown_out, plot_out):
+        if path is not None:
+            _check_output(path)  # before the measuring, not after it
     if prompt_file is not None:
         prompt = _read_prompt_file(prompt_file)
     if prompt is not None and not prompt.strip():
@@ -236,10 +302,29 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
                (markdown_out, lambda r, p: p.write_text(show.render_markdown(r), encoding="utf-8"))]  # fmt: skip
     for path, write in writers:
         if path is not None:
-            write(result, path)
+            try:
+                write(result, path)
+            except OSError as exc:
+                raise QwenrtError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
             click.echo(f"wrote {path}", err=True)
+    if result["interrupted"]:
+        # The cells finished before Ctrl-C are reported above; the exit status still says it was cut short.
+        click.echo(f"qwenrt: interrupted after {len(result['cells'])} of {len(specs)} cells", err=True)
+        sys.exit(130)
     if not any(cell["status"] == "ok" for cell in result["cells"]):
-        raise QwenrtError("no cell could be measured")
+        reasons = list(dict.fromkeys(cell["error"] for cell in result["cells"]))
+        more = f" (and {len(reasons) - 1} other reasons, above)" if len(reasons) > 1 else ""
+        raise QwenrtError(f"no cell could be measured: {reasons[0] if reasons else 'no cells'}{more}")
+
+
+def _check_output(path: Path) -> None:
+    folder = path.parent
+    if path.is_dir():
+        raise QwenrtError(f"{path}: is a folder; give a file name for the report")
+    if not folder.is_dir():
+        raise QwenrtError(f"{path}: the folder {folder} does not exist; create it or write the report elsewhere")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise QwenrtError(f"{path}: no permission to write in {folder}; write the report elsewhere")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,13 @@ class EngineOptions:
     # Reuse the KV cache of a prompt's common prefix with the previous one (multi-turn chat).
     # Benchmarks turn it off so that every repetition pays for its whole prompt.
     prefix_cache: bool = True
+    # Leave threads and hints at the engine's own defaults: the "before" rows of
+    # compare --ladder, never a setting to ship.
+    engine_defaults: bool = False
+
+    def __post_init__(self) -> None:
+        if self.context_length is not None and self.context_length < 1:
+            raise QwenrtError(f"context length must be 1 or more, not {self.context_length}")
 
 
 @dataclass(frozen=True)

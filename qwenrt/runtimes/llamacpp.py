@@ -17,6 +17,8 @@ from qwenrt.errors import ArtifactError, ModelNotFoundError
 from qwenrt.manifest import GGUF_KEY, artifact_files
 from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig
 
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "draw a seed at random" (llama_cpp.LLAMA_DEFAULT_SEED)
+
 
 class LlamaCppEngine(Engine):
     name = "gguf"
@@ -77,8 +79,9 @@ class LlamaCppEngine(Engine):
         llm = self._llm
         if not self.options.prefix_cache:
             llm.reset()
-        if config.seed is not None:
-            llm.set_seed(config.seed)
+        # The seed sticks to the Llama object: without one, go back to llama.cpp's "random"
+        # seed, or an earlier request's seed would make every later answer repeat.
+        llm.set_seed(config.seed if config.seed is not None else LLAMA_DEFAULT_SEED)
         tokens = llm.generate(
             prompt_ids,
             temp=config.temperature,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import queue
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -59,13 +60,15 @@ class OpenVINOEngine(Engine):
             "ENABLE_CPU_PINNING": self.threads.pin,
         }
         try:
-            self._pipe = ov_genai.LLMPipeline(str(path), "CPU", **self._properties)
+            self._pipe = ov_genai.LLMPipeline(
+                str(path), "CPU", scheduler_config=self._scheduler_config(), **self._properties
+            )
         except RuntimeError as exc:
             first_line = (str(exc).strip().splitlines() or ["unknown error"])[0]
             raise ArtifactError(f"{path}: OpenVINO could not load the model ({first_line[:200]})") from None
         self.path = path
         self._tokenizer = self._pipe.get_tokenizer()
-        self._bytes = _token_byte_table(path / "tokenizer.json")
+        self._bytes = token_byte_table(path / "tokenizer.json")
         self._eos = frozenset(
             {self._tokenizer.get_eos_token_id()} | set(self._pipe.get_generation_config().stop_token_ids)
         )
@@ -124,19 +127,36 @@ class OpenVINOEngine(Engine):
             cancelled.set()
             worker.join()
 
+    def _scheduler_config(self) -> Any:
+        """GenAI's CPU pipeline keeps the KV blocks of earlier prompts and reuses a common
+        prefix; that is the multi-turn cache, and what a cold measurement must turn off."""
+        import openvino_genai as ov_genai
+
+        scheduler = ov_genai.SchedulerConfig()
+        scheduler.enable_prefix_caching = self.options.prefix_cache
+        return scheduler
+
     def _generation_config(self, config: GenerationConfig) -> Any:
+        import openvino_genai as ov_genai
+
         generation = self._pipe.get_generation_config()
         generation.max_new_tokens = config.max_tokens
         generation.ignore_eos = config.ignore_eos
         generation.stop_strings = set()  # stop strings are cut by qwenrt, the same way for every engine
+        # A checkpoint's generation_config.json (Qwen's has repetition_penalty 1.1, top_k 20) must
+        # not change what is asked: llama.cpp runs with no penalties, no top-k cut, no minimum length.
+        generation.repetition_penalty = 1.0
+        generation.presence_penalty = 0.0
+        generation.frequency_penalty = 0.0
+        generation.min_new_tokens = 0
+        generation.no_repeat_ngram_size = ov_genai.GenerationConfig().no_repeat_ngram_size
+        generation.top_k = config.top_k or ov_genai.GenerationConfig().top_k  # 0 is "off"
+        generation.top_p = config.top_p
         generation.do_sample = config.temperature > 0
         if generation.do_sample:
             generation.temperature = config.temperature
-            generation.top_p = config.top_p
-            if config.top_k:
-                generation.top_k = config.top_k
-            if config.seed is not None:
-                generation.rng_seed = config.seed
+            # Without a seed, each answer samples anew (GenAI would otherwise always use seed 0).
+            generation.rng_seed = config.seed if config.seed is not None else random.randrange(2**31)
         return generation
 
     def settings(self) -> dict[str, Any]:
@@ -152,7 +172,7 @@ class OpenVINOEngine(Engine):
         self._pipe = None
 
 
-def _token_byte_table(tokenizer_json: Path) -> list[bytes]:
+def token_byte_table(tokenizer_json: Path) -> list[bytes]:
     """The bytes of every token id, from the byte-level BPE vocabulary.
 
     GenAI's detokenizer returns text, and a token that ends inside a UTF-8 character

@@ -1,0 +1,145 @@
+"""transformers ``generate`` in FP32 on the source checkpoint: the baseline every engine is
+measured against (the write-up's starting point). Needs the ``convert`` extra (torch).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qwenrt.errors import ModelNotFoundError, QwenrtError
+from qwenrt.manifest import read_manifest
+from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig
+from qwenrt.runtimes.ovgenai import token_byte_table
+
+_DONE = object()
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+    description = "transformers FP32 generate on the source checkpoint (baseline)"
+
+    @classmethod
+    def artifact_path(cls, model_dir: Path) -> Path:
+        model_dir = Path(model_dir)
+        source = read_manifest(model_dir).get("source", {})
+        candidates = [model_dir, Path(source.get("checkpoint", model_dir))]
+        if source.get("kind") in ("gguf", "demo") and source.get("files"):
+            from qwenrt.convert.sources import dequantised_path
+
+            candidates.append(dequantised_path(source["files"][0]["sha256"]))
+        for folder in candidates:
+            if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+                return folder
+        raise ModelNotFoundError(
+            f"{model_dir}: no Hugging Face checkpoint for the transformers baseline; "
+            "convert again with this version of qwenrt, or pass the checkpoint folder as --model"
+        )
+
+    def __init__(self, model_dir: Path, options: EngineOptions = EngineOptions()) -> None:
+        super().__init__(model_dir, options)
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError:
+            raise QwenrtError(
+                "the transformers baseline needs the convert extra: pip install 'qwenrt[convert]'"
+            ) from None
+        self.path = self.artifact_path(self.model_dir)
+        torch.set_num_threads(self.threads.threads)
+        self._torch = torch
+        self._model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
+        self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self._bytes = token_byte_table(self.path / "tokenizer.json")
+        eos = self._model.generation_config.eos_token_id
+        self._eos = frozenset(eos if isinstance(eos, list) else [eos]) | {self._tokenizer.eos_token_id}
+
+    @property
+    def chat_template(self) -> str:
+        return self._tokenizer.chat_template or ""
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+
+    def _generate(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[tuple[int, float]]:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        torch = self._torch
+        tokens: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        cancelled = threading.Event()
+
+        class TokenStreamer(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value: Any) -> None:
+                if not self.prompt_seen:  # generate() hands the prompt over first
+                    self.prompt_seen = True
+                    return
+                now = time.perf_counter()
+                for token_id in value.reshape(-1).tolist():
+                    tokens.put((token_id, now))
+
+            def end(self) -> None:
+                pass
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+                return cancelled.is_set()
+
+        sampling: dict[str, Any] = {"do_sample": config.temperature > 0}
+        if sampling["do_sample"]:
+            sampling.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
+            if config.seed is not None:
+                torch.manual_seed(config.seed)
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self._model.generate(
+                        torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                        max_new_tokens=config.max_tokens, streamer=TokenStreamer(),
+                        stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                        eos_token_id=None if config.ignore_eos else sorted(self._eos),
+                        pad_token_id=self._tokenizer.pad_token_id, **sampling,
+                    )  # fmt: skip
+            except BaseException as exc:  # handed to the caller's thread
+                tokens.put(exc)
+            tokens.put(_DONE)
+
+        worker = threading.Thread(target=run, name="transformers-generate", daemon=True)
+        worker.start()
+        try:
+            while (item := tokens.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+            worker.join()
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "engine": "transformers",
+            "artifact": str(self.path),
+            "dtype": "float32",
+            "torch_threads": self._torch.get_num_threads(),
+            "prefix_cache": False,
+        }
+
+    def close(self) -> None:
+        self._model = None
+
+
+ENGINE = TransformersEngine

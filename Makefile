@@ -36,5 +36,10 @@ test-fast: install
 test-real: install
 	$(BIN)/pytest -m real_weights
 
+# Figures for BENCHMARKS.md: bench/results.json and bench/results.md (about 15 minutes).
+bench: install
+	$(BIN)/qwenrt convert demo
+	$(BIN)/python bench/run.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

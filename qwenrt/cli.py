@@ -233,13 +233,18 @@ def _read_prompt_file(path: Path) -> str:
 @click.option("--warmup", type=int, default=1, show_default=True, help="Discarded repetitions per cell.")
 @click.option("--timeout", type=float, default=900, show_default=True, help="Seconds allowed per cell.")
 @click.option("--pin", is_flag=True, help="Pin threads to physical cores.")
+@click.option(
+    "--ladder",
+    is_flag=True,
+    help="Re-measure the write-up's steps: transformers FP32 → engine → threads → INT8 → batch 2.",
+)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 @click.option("--csv", "csv_out", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", "markdown_out", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="PNG chart.")
 def compare(model: Path | None, runtimes: str, threads_list: str | None, scenario: str, prompt: str | None,
             prompt_file: Path | None, max_tokens: int, repeat: int, warmup: int, timeout: float, pin: bool,
-            json_out: Path | None, csv_out: Path | None, markdown_out: Path | None,
+            ladder: bool, json_out: Path | None, csv_out: Path | None, markdown_out: Path | None,
             plot_out: Path | None) -> None:  # fmt: skip
     """Measure the engines side by side: first token, prefill, decode, CPU and memory."""
     from qwenrt.compare import report as show
@@ -250,7 +255,7 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
     from qwenrt.runtimes.threads import ThreadPlan
 
     model_dir = _model_dir(model)
-    names = [name.strip() for name in runtimes.split(",") if name.strip()]
+    names = ["gguf", "openvino", "transformers"] if ladder else [n.strip() for n in runtimes.split(",") if n.strip()]
     problems: dict[str, QwenrtError] = {}
     for name in names:
         try:
@@ -281,6 +286,10 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
                  max_tokens=max_tokens, repeat=repeat, warmup=warmup, pin=pin)
         for sc in scenarios for threads in thread_counts for name in names
     ]  # fmt: skip
+    if ladder:
+        from qwenrt.compare.ladder import ladder_specs
+
+        specs = ladder_specs(model_dir, max_tokens, repeat, warmup)
 
     live = sys.stderr.isatty()
     cells_started: set[str] = set()
@@ -294,7 +303,7 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
             cells_started.add(cell)
             click.echo(f"{cell} …", err=True)
 
-    result = run_comparison(specs, timeout_s=timeout, progress=progress)
+    result = run_comparison(specs, timeout_s=timeout, progress=progress, kind="ladder" if ladder else "comparison")
     if live:
         click.echo("\r\033[K", nl=False, err=True)
     click.echo(show.render_terminal(result))

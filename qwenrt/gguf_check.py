@@ -491,13 +491,3 @@ def _array(layout: GGUFLayout, key: str, item_type: int, count: int | None = Non
     if count is not None and item.count != count:
         raise ArtifactError(f"{layout.path}: metadata {key} has {item.count} items for {count} tokens; {DAMAGED_HINT}")
     return item
-
-
-def check_gguf_header(path: Path) -> None:
-    """The check to run before every load by llama.cpp.
-
-    The full structural and Qwen2 check takes a fraction of a second even on the real
-    model, so it runs every time: a file that still has the size the manifest recorded
-    may have been damaged in place, and llama.cpp must never see a malformed file.
-    """
-    check_gguf(path)

@@ -85,7 +85,7 @@ def artifact_files(model_dir: Path, key: str) -> list[Path]:
 def trained_context_length(model_path: Path) -> int | None:
     """The context the model was trained for, from the manifest of its folder."""
     model_path = Path(model_path)
-    for folder in (model_path, model_path.parent):
+    for folder in (model_path, model_path.parent, model_path.parent.parent):
         if (value := read_manifest(folder).get("context_length")) is not None:
             return int(value)
     return None

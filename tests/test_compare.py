@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import jsonschema
+import psutil
 import pytest
 from conftest import QWENRT
 from tiny_model import build_tiny_qwen2
@@ -15,6 +16,7 @@ from tiny_model import build_tiny_qwen2
 from qwenrt.compare import report
 from qwenrt.compare.runner import agreement
 from qwenrt.compare.stats import percentile, summarise
+from qwenrt.runtimes.threads import physical_cores
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "qwenrt" / "compare" / "schema.json").read_text())
 
@@ -194,3 +196,26 @@ def test_short_scenario_on_the_demo_model(demo_model: Path, tmp_path: Path) -> N
     (row,) = data["agreement"]
     assert row["same_prompt_ids"]
     print(result.stdout)
+
+
+def test_ladder_reproduces_the_write_ups_steps(small_model: Path, tmp_path: Path) -> None:
+    result = run_compare("--model", str(small_model), "--ladder", "--max-tokens", "24", "--repeat", "1",
+                         "--json", str(tmp_path / "l.json"), "--markdown", str(tmp_path / "l.md"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "l.json").read_text())
+    jsonschema.validate(data, SCHEMA)
+    assert data["kind"] == "ladder"
+    cells = data["cells"]
+    assert [c["status"] for c in cells] == ["ok"] * 6
+    assert [c["runtime"] for c in cells] == ["transformers", "gguf", "gguf", "gguf", "openvino", "openvino"]
+    # The float step really is float, the 8-bit step 8-bit, and the batch step generates two answers.
+    assert cells[1]["settings"]["artifact"].endswith("-f16.gguf")
+    assert cells[3]["settings"]["artifact"].endswith("-q8_0.gguf")
+    assert cells[5]["batch"] == 2 and cells[5]["generated_tokens"] == 48
+    # "Its default threads" are llama-cpp-python's, half the logical CPUs; the next step sets the cores.
+    logical = psutil.cpu_count(logical=True)
+    assert cells[1]["settings"]["threads"] == max(1, logical // 2)
+    assert cells[2]["settings"]["threads"] == physical_cores()
+    text = result.stdout
+    assert "gain" in text and "1.00×" in text and "batch 2" in text
+    assert "| step" in (tmp_path / "l.md").read_text()

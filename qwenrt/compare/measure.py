@@ -21,6 +21,7 @@ import psutil
 
 from qwenrt.compare.scenarios import Scenario, custom_scenario, scenario
 from qwenrt.compare.stats import summarise
+from qwenrt.errors import QwenrtError
 from qwenrt.runtimes import Engine, EngineOptions, GenerationConfig, StreamEnd, TokenEvent, open_engine
 from qwenrt.runtimes.chat_template import render_chat
 
@@ -30,15 +31,27 @@ class CellSpec:
     runtime: str
     model_dir: str
     threads: int
-    scenario: str = "short"
+    scenario: str = "short"  # a scenario's name, or the name given to ``prompt``
     prompt: str | None = None  # replaces the scenario's conversation
     max_tokens: int = 128
     repeat: int = 5
     warmup: int = 1
     pin: bool = False
+    label: str | None = None  # how a report names the cell (the ladder's steps)
+    engine_defaults: bool = False  # leave threads and hints at the engine's own defaults
+    artifact: str | None = None  # a specific artifact instead of the model folder's own
+    batch: int = 1  # prompts generated at once (OpenVINO only)
+
+    @property
+    def engine_path(self) -> Path:
+        return Path(self.artifact or self.model_dir)
+
+    def options(self, prefix_cache: bool) -> EngineOptions:
+        return EngineOptions(threads=self.threads, pin=self.pin, prefix_cache=prefix_cache,
+                             engine_defaults=self.engine_defaults)  # fmt: skip
 
     def conversation(self) -> Scenario:
-        return custom_scenario(self.prompt) if self.prompt is not None else scenario(self.scenario)
+        return custom_scenario(self.prompt, self.scenario) if self.prompt is not None else scenario(self.scenario)
 
 
 @dataclass
@@ -59,11 +72,7 @@ def run_cell(spec: CellSpec, progress: Callable[[str], None] = lambda _: None) -
     second_turn = bool(conversation.previous)
     process = psutil.Process()
     started = time.perf_counter()
-    engine = open_engine(
-        spec.runtime,
-        Path(spec.model_dir),
-        EngineOptions(threads=spec.threads, pin=spec.pin, prefix_cache=second_turn),
-    )
+    engine = open_engine(spec.runtime, spec.engine_path, spec.options(prefix_cache=second_turn))
     with engine:
         load_s = time.perf_counter() - started
         rss_after_load = process.memory_info().rss
@@ -75,15 +84,16 @@ def run_cell(spec: CellSpec, progress: Callable[[str], None] = lambda _: None) -
         )
         config = GenerationConfig(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True)
         engine.check_fits(len(prompt_ids), spec.max_tokens)
+        measure = _batch_repetition if spec.batch > 1 else _repetition
         for index in range(spec.warmup):
             progress(f"warm-up {index + 1}/{spec.warmup}")
-            _repetition(engine, prompt_ids, previous_ids, config)
+            measure(engine, prompt_ids, previous_ids, config, spec.batch)
         repetitions = []
         for index in range(spec.repeat):
             progress(f"repetition {index + 1}/{spec.repeat}")
-            repetitions.append(_repetition(engine, prompt_ids, previous_ids, config))
+            repetitions.append(measure(engine, prompt_ids, previous_ids, config, spec.batch))
         settings = engine.settings()
-    cached_first_token_s = None if second_turn else _cached_first_token(spec, prompt_ids, config)
+    cached_first_token_s = None if second_turn or spec.batch > 1 else _cached_first_token(spec, prompt_ids, config)
     return _cell_result(spec, conversation, settings, load_s, rss_after_load, prompt_ids, repetitions,
                         cached_first_token_s)  # fmt: skip
 
@@ -93,14 +103,13 @@ def _cached_first_token(spec: CellSpec, prompt_ids: list[int], config: Generatio
 
     Reported beside the cold figures, so that nobody mistakes one for the other.
     """
-    options = EngineOptions(threads=spec.threads, pin=spec.pin, prefix_cache=True)
-    with open_engine(spec.runtime, Path(spec.model_dir), options) as engine:
+    with open_engine(spec.runtime, spec.engine_path, spec.options(prefix_cache=True)) as engine:
         _repetition(engine, prompt_ids, None, config)
         return _repetition(engine, prompt_ids, None, config).first_token_s
 
 
 def _repetition(
-    engine: Engine, prompt_ids: list[int], previous_ids: list[int] | None, config: GenerationConfig
+    engine: Engine, prompt_ids: list[int], previous_ids: list[int] | None, config: GenerationConfig, batch: int = 1
 ) -> Repetition:
     if previous_ids is not None:
         # Put the first turn in the KV cache, as a real conversation would have it.
@@ -138,6 +147,33 @@ def _repetition(
     )
 
 
+def _batch_repetition(
+    engine: Engine, prompt_ids: list[int], previous_ids: list[int] | None, config: GenerationConfig, batch: int
+) -> Repetition:
+    """``batch`` copies of the prompt generated together; rates are aggregate over the batch."""
+    generate_batch = getattr(engine, "generate_batch", None)
+    if generate_batch is None:
+        raise QwenrtError(f"the {engine.name} engine cannot generate a batch")
+    psutil.cpu_percent(percpu=True)
+    cpu_before = _cpu_seconds()
+    started = time.perf_counter()
+    first_token_s, token_ids = generate_batch([prompt_ids] * batch, config)
+    wall = time.perf_counter() - started
+    cpu = _cpu_seconds() - cpu_before
+    generated = sum(len(ids) for ids in token_ids)
+    return Repetition(
+        first_token_s=first_token_s,
+        prefill_tps=batch * len(prompt_ids) / first_token_s,
+        decode_tps=(generated - batch) / (wall - first_token_s),
+        inter_token_ms=[],
+        end_to_end_s=wall,
+        cpu_cores=cpu / wall,
+        per_core_busy=psutil.cpu_percent(percpu=True),
+        generated_tokens=generated,
+        token_ids=token_ids[0],
+    )
+
+
 def _cpu_seconds() -> float:
     # getrusage counts in microseconds; psutil's cpu_times in 10 ms clock ticks, too coarse for short runs.
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -155,6 +191,8 @@ def _cell_result(
         "runtime": spec.runtime,
         "threads": spec.threads,
         "scenario": conversation.name,
+        "label": spec.label,
+        "batch": spec.batch,
         "status": "ok",
         "settings": settings,
         "prompt_tokens": len(prompt_ids),

@@ -136,6 +136,36 @@ def scenario_line(cell: dict[str, Any]) -> str:
             f"tokens, {cell['repeat']} repetitions, greedy, {cache}")  # fmt: skip
 
 
+LADDER_HEADERS = ["step", "first token (ms)", "CPU (% of machine)", "tokens/s", "gain", "threads"]
+
+
+def ladder_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row per ladder step: first token, CPU, tokens/s and the gain over the first step."""
+    rows = []
+    base = None
+    for cell in report["cells"]:
+        if cell["status"] != "ok":
+            rows.append([cell.get("label") or cell["runtime"], "failed: " + cell["error"][:60], "", "", "", ""])
+            continue
+        speed = cell["decode_tps"]["median"]
+        base = base or speed
+        rows.append([
+            cell["label"],
+            f"{cell['first_token_s']['median'] * 1000:.0f}",
+            f"{cell['cpu']['percent_of_machine']:.0f}",
+            f"{speed:.1f}",
+            f"{speed / base:.2f}×",
+            str(cell["settings"].get("threads", "")),
+        ])  # fmt: skip
+    return rows
+
+
+def render_ladder(report: dict[str, Any], tablefmt: str) -> str:
+    ok = [c for c in report["cells"] if c["status"] == "ok"]
+    head = scenario_line(ok[0]) + "; tokens/s is decode (aggregate over the batch)" if ok else ""
+    return head + "\n" + tabulate(ladder_rows(report), headers=LADDER_HEADERS, tablefmt=tablefmt)
+
+
 def render_terminal(report: dict[str, Any]) -> str:
     ok = [c for c in report["cells"] if c["status"] == "ok"]
     out = []
@@ -143,6 +173,8 @@ def render_terminal(report: dict[str, Any]) -> str:
     if env:
         out.append(f"{env['cpu']} · {env['physical_cores']} physical cores · {env['memory_bytes'] / 2**30:.0f} GiB · "
                    + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v))  # fmt: skip
+    if report.get("kind") == "ladder":
+        return "\n".join([*out, "", render_ladder(report, "simple")])
     for cells in by_scenario(ok):
         out += ["", scenario_line(cells[0])]
         out.append(tabulate(table_rows(cells), headers=["metric"] + [cell_label(c) for c in cells], tablefmt="simple"))
@@ -182,6 +214,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"- CPU: {env['cpu']}, {env['physical_cores']} physical cores, {env['logical_cpus']} logical",
                   f"- memory: {env['memory_bytes'] / 2**30:.1f} GiB; {env['os']}; Python {env['python']}",
                   "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v), ""]  # fmt: skip
+    if report.get("kind") == "ladder":
+        return "\n".join([*lines, render_ladder(report, "github")]) + "\n"
     for cells in by_scenario(ok):
         lines += [f"## {scenario_line(cells[0])}", ""]
         lines.append(tabulate(table_rows(cells, mark=" **◀**"), headers=["metric"] + [cell_label(c) for c in cells],

@@ -33,13 +33,21 @@ CRASH_SIGNALS = {"SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE"}
 
 
 def run_comparison(
-    specs: list[CellSpec], *, timeout_s: float = 900.0, progress: Callable[[str], None] = lambda _: None
+    specs: list[CellSpec],
+    *,
+    timeout_s: float = 900.0,
+    progress: Callable[[str], None] = lambda _: None,
+    kind: str = "comparison",
 ) -> dict[str, Any]:
-    """Measure each spec in a fresh process; Ctrl-C stops and returns the cells finished so far."""
+    """Measure each spec in a fresh process; Ctrl-C stops and returns the cells finished so far.
+
+    ``kind`` tells a report how to lay the cells out: side by side, or as the ladder's steps."""
     cells: list[dict[str, Any]] = []
     interrupted = False
     for index, spec in enumerate(specs, start=1):
-        label = f"[{index}/{len(specs)}] {spec.runtime} × {spec.threads} thread{'s' if spec.threads > 1 else ''}"
+        label = f"[{index}/{len(specs)}] " + (
+            spec.label or f"{spec.runtime} × {spec.threads} thread{'s' if spec.threads > 1 else ''}"
+        )
         try:
             cells.append(_run_in_process(spec, timeout_s, lambda text, label=label: progress(f"{label}: {text}")))
         except KeyboardInterrupt:
@@ -47,6 +55,7 @@ def run_comparison(
             break
     return {
         "schema": SCHEMA,
+        "kind": kind,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "qwenrt_version": __version__,
         "interrupted": interrupted,
@@ -155,7 +164,7 @@ def _exit_reason(returncode: int, stderr_tail: list[str]) -> str:
 
 def _failed(spec: CellSpec, reason: str) -> dict[str, Any]:
     return {"runtime": spec.runtime, "threads": spec.threads, "scenario": spec.conversation().name,
-            "status": "failed", "error": reason}  # fmt: skip
+            "label": spec.label, "status": "failed", "error": reason}  # fmt: skip
 
 
 def agreement(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -62,7 +62,7 @@ def scenario(name: str) -> Scenario:
         raise QwenrtError(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}") from None
 
 
-def custom_scenario(prompt: str) -> Scenario:
+def custom_scenario(prompt: str, name: str = "custom") -> Scenario:
     if not prompt.strip():
         raise QwenrtError("the prompt is empty")
-    return Scenario("custom", "the user's prompt", ({"role": "user", "content": prompt},))
+    return Scenario(name, "the user's prompt", ({"role": "user", "content": prompt},))

@@ -34,7 +34,7 @@ __all__ = [
     "open_engine",
 ]
 
-_NOT_ENGINES = {"base", "chat_template", "threads"}
+_NOT_ENGINES = {"base", "byte_vocab", "chat_template", "threads"}
 
 
 @cache

@@ -111,7 +111,8 @@ class Engine(ABC):
         self.model_dir = Path(model_dir)
         self.options = options
         self.threads = ThreadPlan.resolve(options.threads, pin=options.pin)
-        self.threads.apply_to_process()
+        if not options.engine_defaults:
+            self.threads.apply_to_process()
         trained = trained_context_length(self.model_dir)
         self.context_length = options.context_length or min(DEFAULT_CONTEXT, trained or DEFAULT_CONTEXT)
 

@@ -14,7 +14,7 @@ from typing import Any
 from qwenrt.errors import ModelNotFoundError, QwenrtError
 from qwenrt.manifest import read_manifest
 from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig
-from qwenrt.runtimes.ovgenai import token_byte_table
+from qwenrt.runtimes.byte_vocab import token_byte_table
 
 _DONE = object()
 
@@ -28,6 +28,8 @@ class TransformersEngine(Engine):
         model_dir = Path(model_dir)
         source = read_manifest(model_dir).get("source", {})
         candidates = [model_dir, Path(source.get("checkpoint", model_dir))]
+        if source.get("kind") == "checkpoint":
+            candidates.append(Path(source["reference"]))
         if source.get("kind") in ("gguf", "demo") and source.get("files"):
             from qwenrt.convert.sources import dequantised_path
 
@@ -50,7 +52,8 @@ class TransformersEngine(Engine):
                 "the transformers baseline needs the convert extra: pip install 'qwenrt[convert]'"
             ) from None
         self.path = self.artifact_path(self.model_dir)
-        torch.set_num_threads(self.threads.threads)
+        if not options.engine_defaults:
+            torch.set_num_threads(self.threads.threads)
         self._torch = torch
         self._model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
         self._tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -134,7 +137,7 @@ class TransformersEngine(Engine):
             "engine": "transformers",
             "artifact": str(self.path),
             "dtype": "float32",
-            "torch_threads": self._torch.get_num_threads(),
+            "threads": self._torch.get_num_threads(),
             "prefix_cache": False,
         }
 

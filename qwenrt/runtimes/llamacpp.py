@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from qwenrt.errors import ArtifactError, ModelNotFoundError
-from qwenrt.manifest import GGUF_KEY, artifact_files
-from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig
+from qwenrt.manifest import GGUF_KEY, artifact_files, trained_context_length
+from qwenrt.runtimes.base import DEFAULT_CONTEXT, Engine, EngineOptions, GenerationConfig
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "draw a seed at random" (llama_cpp.LLAMA_DEFAULT_SEED)
 
@@ -37,19 +37,19 @@ class LlamaCppEngine(Engine):
         super().__init__(model_dir, options)
         from llama_cpp import Llama
 
-        from qwenrt.gguf_check import check_gguf_header
+        from qwenrt.gguf_check import check_gguf
 
         path = self.artifact_path(self.model_dir)
-        check_gguf_header(path)
+        # llama.cpp aborts the whole process on some malformed files: check before it reads one.
+        facts = check_gguf(path)
+        if options.context_length is None and trained_context_length(path) is None:
+            self.context_length = min(DEFAULT_CONTEXT, facts["context_length"] or DEFAULT_CONTEXT)
+        # llama-cpp-python's own defaults (the ladder's "before") are half the logical CPUs for
+        # decode and all of them for prompts.
+        threads = {} if options.engine_defaults else {"n_threads": self.threads.threads,
+                                                      "n_threads_batch": self.threads.threads}  # fmt: skip
         try:
-            self._llm = Llama(
-                model_path=str(path),
-                n_threads=self.threads.threads,
-                n_threads_batch=self.threads.threads,
-                n_ctx=self.context_length,
-                n_batch=512,
-                verbose=False,
-            )
+            self._llm = Llama(model_path=str(path), n_ctx=self.context_length, n_batch=512, verbose=False, **threads)
         except (ValueError, RuntimeError) as exc:
             raise ArtifactError(f"{path}: llama.cpp could not load the model ({exc})") from None
         self.path = path
@@ -101,6 +101,7 @@ class LlamaCppEngine(Engine):
         return {
             "engine": "llama.cpp",
             "artifact": str(self.path),
+            "threads": self._llm.context_params.n_threads,
             "n_threads": self._llm.context_params.n_threads,
             "n_threads_batch": self._llm.context_params.n_threads_batch,
             "n_ctx": self._llm.n_ctx(),

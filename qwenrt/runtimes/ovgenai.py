@@ -8,19 +8,18 @@ tokens to the caller's generator.
 
 from __future__ import annotations
 
-import json
 import queue
 import random
 import threading
 import time
 from collections.abc import Iterator
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from qwenrt.errors import ArtifactError, ModelNotFoundError
 from qwenrt.manifest import OPENVINO_KEY, artifact_files
 from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig
+from qwenrt.runtimes.byte_vocab import token_byte_table
 
 REQUIRED_FILES = {
     "openvino_model.xml": "the model graph",
@@ -54,18 +53,23 @@ class OpenVINOEngine(Engine):
         import openvino_genai as ov_genai
 
         path = self.artifact_path(self.model_dir)
-        self._properties: dict[str, Any] = {
+        self._properties: dict[str, Any] = {} if options.engine_defaults else {
             "INFERENCE_NUM_THREADS": self.threads.threads,
             "PERFORMANCE_HINT": "LATENCY",
             "ENABLE_CPU_PINNING": self.threads.pin,
-        }
+        }  # fmt: skip
         try:
             self._pipe = ov_genai.LLMPipeline(
                 str(path), "CPU", scheduler_config=self._scheduler_config(), **self._properties
             )
         except RuntimeError as exc:
-            first_line = (str(exc).strip().splitlines() or ["unknown error"])[0]
-            raise ArtifactError(f"{path}: OpenVINO could not load the model ({first_line[:200]})") from None
+            # OpenVINO's first line names its own source file; the last one says what is wrong.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = lines[-1][:200] if lines else "unknown error"
+            raise ArtifactError(
+                f"{path}: OpenVINO could not load the model ({reason}); it may be damaged: convert it again "
+                "with 'qwenrt convert SOURCE --format openvino --force'"
+            ) from None
         self.path = path
         self._tokenizer = self._pipe.get_tokenizer()
         self._bytes = token_byte_table(path / "tokenizer.json")
@@ -127,6 +131,20 @@ class OpenVINOEngine(Engine):
             cancelled.set()
             worker.join()
 
+    def generate_batch(self, prompts: list[list[int]], config: GenerationConfig) -> tuple[float, list[list[int]]]:
+        """Generate for several prompts of equal length at once (the write-up's batching).
+
+        Returns the first-token latency, from GenAI's own metrics, and each prompt's tokens.
+        """
+        import numpy as np
+        import openvino as ov
+        import openvino_genai as ov_genai
+
+        ids = np.asarray(prompts, dtype=np.int64)
+        inputs = ov_genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
+        result = self._pipe.generate(inputs, self._generation_config(config))
+        return result.perf_metrics.get_ttft().mean / 1000, [list(map(int, tokens)) for tokens in result.tokens]
+
     def _scheduler_config(self) -> Any:
         """GenAI's CPU pipeline keeps the KV blocks of earlier prompts and reuses a common
         prefix; that is the multi-turn cache, and what a cold measurement must turn off."""
@@ -163,6 +181,7 @@ class OpenVINOEngine(Engine):
         return {
             "engine": "openvino-genai",
             "artifact": str(self.path),
+            "threads": self._properties.get("INFERENCE_NUM_THREADS", "engine default"),
             **self._properties,
             "pinned_cpus": self.threads.pinned_cpus() if self.threads.pin else None,
             "prefix_cache": self.options.prefix_cache,
@@ -170,38 +189,6 @@ class OpenVINOEngine(Engine):
 
     def close(self) -> None:
         self._pipe = None
-
-
-def token_byte_table(tokenizer_json: Path) -> list[bytes]:
-    """The bytes of every token id, from the byte-level BPE vocabulary.
-
-    GenAI's detokenizer returns text, and a token that ends inside a UTF-8 character
-    has no text of its own; the bytes let qwenrt assemble whole characters itself.
-    """
-    spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    unicode_to_byte = _unicode_to_byte()
-    table: dict[int, bytes] = {
-        idx: bytes(unicode_to_byte[ch] for ch in text if ch in unicode_to_byte)
-        for text, idx in spec["model"]["vocab"].items()
-    }
-    for added in spec.get("added_tokens", []):
-        table[added["id"]] = b"" if added.get("special") else added["content"].encode("utf-8")
-    size = max(table) + 1 if table else 0
-    return [table.get(idx, b"") for idx in range(size)]
-
-
-@lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict[str, int]:
-    """Inverse of GPT-2's byte-to-printable-character map that byte-level BPE vocabularies use."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    mapping = {chr(b): b for b in printable}
-    shift = 0
-    for b in range(256):
-        if b not in printable:
-            mapping[chr(256 + shift)] = b
-            shift += 1
-    return mapping
 
 
 ENGINE = OpenVINOEngine

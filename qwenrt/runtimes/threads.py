@@ -46,10 +46,14 @@ class ThreadPlan:
         if threads is None:
             return cls(physical_cores(), pin)
         if threads < 1:
-            raise QwenrtError(f"threads must be 1 or more, not {threads}")
+            raise QwenrtError(
+                f"threads must be 1 or more, not {threads}; this machine allows 1 to {len(available_cpus())}"
+            )
         logical = len(available_cpus())
         if threads > logical:
-            raise QwenrtError(f"threads={threads} is more than the {logical} CPUs this process may use")
+            raise QwenrtError(
+                f"threads={threads} is more than the {logical} CPUs this process may use; use 1 to {logical}"
+            )
         if threads > physical_cores():
             warnings.warn(
                 f"threads={threads} exceeds the {physical_cores()} physical cores; hyper-threads rarely help decode",

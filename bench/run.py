@@ -1,0 +1,254 @@
+"""The qwenrt benchmark: `make bench`. Writes bench/results.json and bench/results.md.
+
+On the demo model, in one run so the figures are comparable:
+1. adapter overhead: qwenrt's streaming path against each engine's own fastest loop,
+   same prompt ids, same token count;
+2. the ceiling: memory read bandwidth, bytes each decoded token must read, and each
+   engine's decode as a share of bandwidth ÷ bytes;
+3. thread scaling from 1 to all cores, prefill at 128/512/1024 prompt tokens, and peak
+   memory against artifact size (each cell in a fresh process, via qwenrt compare).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwenrt.compare.measure import CellSpec
+from qwenrt.compare.runner import environment, run_comparison
+from qwenrt.manifest import GGUF_KEY, OPENVINO_KEY, artifact_files
+from qwenrt.paths import default_model_dir
+from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, open_engine
+from qwenrt.runtimes.threads import physical_cores
+
+HERE = Path(__file__).parent
+PROMPT = "请写一段 Python 快速排序函数"
+FILLER = "The warehouse on shelf {i} holds {j} boxes of parts for the northern assembly line. "
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- 1. adapter overhead ------------------------------------------------------------
+def adapter_overhead(model_dir: Path, threads: int, tokens: int, repeat: int) -> dict[str, Any]:
+    results = {}
+    messages = [{"role": "user", "content": PROMPT}]
+    config = GenerationConfig(max_tokens=tokens, ignore_eos=True)
+    for name, native in (("gguf", _llama_native), ("openvino", _openvino_native)):
+        log(f"adapter overhead: {name}")
+        with open_engine(name, model_dir, EngineOptions(threads=threads, prefix_cache=False)) as engine:
+            ids = engine.chat_prompt_ids(messages)
+            for _ in range(2):  # warm-up of both paths
+                _qwenrt_run(engine, ids, config)
+                native(engine, ids, tokens)
+            ours, theirs = [], []
+            for _ in range(repeat):  # interleaved, so drift in the machine hits both alike
+                ours.append(_qwenrt_run(engine, ids, config))
+                theirs.append(native(engine, ids, tokens))
+        q_ttft, q_tps = (statistics.median(v) for v in zip(*ours, strict=True))
+        n_ttft, n_tps = (statistics.median(v) for v in zip(*theirs, strict=True))
+        results[name] = {
+            "prompt_tokens": len(ids),
+            "qwenrt": {"first_token_ms": q_ttft * 1000, "decode_tps": q_tps},
+            "engine_loop": {"first_token_ms": n_ttft * 1000, "decode_tps": n_tps},
+            "decode_ratio": q_tps / n_tps,
+            "first_token_difference_ms": (q_ttft - n_ttft) * 1000,
+        }
+    return results
+
+
+def _qwenrt_run(engine: Any, ids: list[int], config: GenerationConfig) -> tuple[float, float]:
+    end = [event for event in engine.stream(ids, config) if isinstance(event, StreamEnd)][0]
+    return end.first_token_latency, end.decode_tokens_per_second
+
+
+def _llama_native(engine: Any, ids: list[int], tokens: int) -> tuple[float, float]:
+    """llama-cpp-python's low-level API: eval the prompt, then sample and eval one token at a time."""
+    llm = engine._llm
+    llm.reset()
+    started = time.perf_counter()
+    llm.eval(ids)
+    token = llm.sample(temp=0.0)
+    first = time.perf_counter()
+    for _ in range(tokens - 1):
+        llm.eval([token])
+        token = llm.sample(temp=0.0)
+    finished = time.perf_counter()
+    return first - started, (tokens - 1) / (finished - first)
+
+
+def _openvino_native(engine: Any, ids: list[int], tokens: int) -> tuple[float, float]:
+    """GenAI's generate with no Python streamer; timing from its own perf metrics."""
+    import openvino as ov
+    import openvino_genai as ov_genai
+
+    array = np.asarray([ids], dtype=np.int64)
+    config = engine._generation_config(GenerationConfig(max_tokens=tokens, ignore_eos=True))
+    result = engine._pipe.generate(ov_genai.TokenizedInputs(ov.Tensor(array), ov.Tensor(np.ones_like(array))), config)
+    metrics = result.perf_metrics
+    return metrics.get_ttft().mean / 1000, 1000 / metrics.get_tpot().mean
+
+
+# --- 2. the ceiling -------------------------------------------------------------------
+def memory_bandwidth(threads: int, size_mb: int = 512, repeat: int = 5) -> float:
+    """Read bandwidth in bytes/s: ``threads`` threads each summing their share of an array."""
+    data = np.ones(size_mb * 2**20 // 8, dtype=np.float64)
+    parts = np.array_split(data, threads)
+    best = 0.0
+    for _ in range(repeat):
+        workers = [threading.Thread(target=np.sum, args=(part,)) for part in parts]
+        started = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        best = max(best, data.nbytes / (time.perf_counter() - started))
+    return best
+
+
+def bytes_per_token(model_dir: Path) -> dict[str, int]:
+    """Weight bytes a decode step reads: every weight but the token embedding (a row lookup)."""
+    import gguf
+    import openvino as ov
+
+    reader = gguf.GGUFReader(artifact_files(model_dir, GGUF_KEY)[0])
+    gguf_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
+    embedding_elements = next(int(np.prod(t.shape)) for t in reader.tensors if t.name == "token_embd.weight")
+    ir = artifact_files(model_dir, OPENVINO_KEY)[0]
+    model = ov.Core().read_model(ir / "openvino_model.xml")
+    constants = [op for op in model.get_ops() if op.get_type_name() == "Constant"]
+    ov_total = sum(op.get_byte_size() for op in constants)
+    # The IR's embedding is the INT8 constant of the embedding's shape that feeds a Gather.
+    embedding = sum(
+        op.get_byte_size() for op in constants
+        if int(np.prod(op.get_output_shape(0))) == embedding_elements and _feeds_gather(op)
+    )  # fmt: skip
+    return {"gguf": gguf_bytes, "openvino": ov_total - embedding}
+
+
+def _feeds_gather(op: Any, depth: int = 4) -> bool:
+    if depth == 0:
+        return False
+    for target in op.output(0).get_target_inputs():
+        node = target.get_node()
+        if node.get_type_name() == "Gather" or _feeds_gather(node, depth - 1):
+            return True
+    return False
+
+
+# --- 3. scaling, prefill, memory -------------------------------------------------------
+def prompt_of(tokens: int, model_dir: Path) -> str:
+    """User text whose chat prompt is close to ``tokens`` tokens."""
+    with open_engine("gguf", model_dir, EngineOptions(threads=1)) as engine:
+        text = ""
+        i = 0
+        while len(engine.chat_prompt_ids([{"role": "user", "content": text}])) < tokens:
+            text += FILLER.format(i=i, j=i * 7 % 50)
+            i += 1
+    return text
+
+
+def cells(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    specs = [
+        CellSpec(runtime=r, model_dir=str(model_dir), threads=t, scenario="short", max_tokens=args.tokens,
+                 repeat=args.repeat, warmup=1)
+        for t in range(1, physical_cores() + 1) for r in ("gguf", "openvino")
+    ]  # fmt: skip
+    for length in (128, 512, 1024):
+        prompt = prompt_of(length, model_dir)
+        specs += [
+            CellSpec(runtime=r, model_dir=str(model_dir), threads=physical_cores(), scenario=f"prompt-{length}",
+                     prompt=prompt, max_tokens=16, repeat=args.repeat, warmup=1)
+            for r in ("gguf", "openvino")
+        ]  # fmt: skip
+    return run_comparison(specs, progress=lambda text: log(text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=default_model_dir())
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    args = parser.parse_args()
+    threads = physical_cores()
+
+    overhead = adapter_overhead(args.model, threads, args.tokens, args.repeat)
+    log("memory bandwidth")
+    bandwidth = memory_bandwidth(threads)
+    weights = bytes_per_token(args.model)
+    comparison = cells(args.model, args)
+    decode = {
+        c["runtime"]: c["decode_tps"]["median"]
+        for c in comparison["cells"]
+        if c["status"] == "ok" and c["scenario"] == "short" and c["threads"] == threads
+    }
+    ceiling = {
+        name: {
+            "bytes_per_token": weights[name],
+            "ceiling_tps": bandwidth / weights[name],
+            "decode_tps": decode.get(name),
+            "share_of_ceiling": decode[name] / (bandwidth / weights[name]) if name in decode else None,
+        }
+        for name in ("gguf", "openvino")
+    }
+    results = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "environment": environment(args.model),
+        "threads": threads,
+        "adapter_overhead": overhead,
+        "memory_bandwidth_bytes_per_s": bandwidth,
+        "ceiling": ceiling,
+        "comparison": comparison,
+    }
+    previous = json.loads(args.out.read_text()) if args.out.exists() else None
+    args.out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    markdown = render(results, previous)
+    args.out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+
+
+def render(results: dict[str, Any], previous: dict[str, Any] | None) -> str:
+    from tabulate import tabulate
+
+    from qwenrt.compare.report import render_markdown
+
+    lines = [f"Run {results['created']}, `{results['command']}`, {results['threads']} threads.", "",
+             "### Adapter overhead (qwenrt streaming vs the engine's own loop)", ""]  # fmt: skip
+    rows = [[name, f"{o['qwenrt']['decode_tps']:.1f}", f"{o['engine_loop']['decode_tps']:.1f}",
+             f"{o['decode_ratio']:.3f}", f"{o['qwenrt']['first_token_ms']:.1f}",
+             f"{o['engine_loop']['first_token_ms']:.1f}", f"{o['first_token_difference_ms']:+.1f}"]
+            for name, o in results["adapter_overhead"].items()]  # fmt: skip
+    lines.append(tabulate(rows, headers=["engine", "qwenrt tok/s", "engine tok/s", "ratio", "qwenrt TTFT ms",
+                                         "engine TTFT ms", "Δ ms"], tablefmt="github"))  # fmt: skip
+    bandwidth = results["memory_bandwidth_bytes_per_s"]
+    lines += ["", f"### Ceiling: memory read bandwidth {bandwidth / 1e9:.1f} GB/s", ""]
+    rows = [[name, f"{c['bytes_per_token'] / 1e6:.0f}", f"{c['ceiling_tps']:.1f}", f"{c['decode_tps'] or 0:.1f}",
+             f"{(c['share_of_ceiling'] or 0):.0%}"] for name, c in results["ceiling"].items()]  # fmt: skip
+    lines.append(tabulate(rows, headers=["engine", "MB read per token", "ceiling tok/s", "decode tok/s",
+                                         "share of ceiling"], tablefmt="github"))  # fmt: skip
+    if previous:
+        lines += ["", "### Since the last recorded run", ""]
+        for name, now in results["ceiling"].items():
+            before = previous.get("ceiling", {}).get(name, {}).get("decode_tps")
+            if before and now["decode_tps"]:
+                lines.append(f"- {name} decode: {before:.1f} → {now['decode_tps']:.1f} tok/s "
+                             f"({now['decode_tps'] / before - 1:+.0%})")  # fmt: skip
+    lines += ["", "### Cells (thread scaling, prefill by prompt length, memory)", ""]
+    lines.append(render_markdown(results["comparison"]).replace("# qwenrt compare", "").strip())
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

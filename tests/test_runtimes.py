@@ -583,3 +583,29 @@ def test_demo_model_writes_quicksort(demo_engines: dict, name: str, prompt: str)
 def test_demo_model_prompt_ids_equal_between_engines(demo_engines: dict) -> None:
     for messages in CONVERSATIONS:
         assert demo_engines["gguf"].chat_prompt_ids(messages) == demo_engines["openvino"].chat_prompt_ids(messages)
+
+
+# --- the transformers baseline (a third engine, one module) -------------------------------
+
+
+def test_transformers_baseline_engine_streams_the_checkpoint(
+    tiny_model: Path, tiny_checkpoint: Path, hf_tokenizer
+) -> None:
+    """The FP32 baseline of compare --ladder: found through the model folder's manifest,
+    same prompt ids as the other engines, and exactly what transformers' own greedy
+    generate produces, token by token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    messages = user(CHINESE_EMOJI)
+    with open_engine("transformers", tiny_model, EngineOptions(threads=1)) as engine:
+        assert engine.settings()["artifact"] == str(tiny_checkpoint)
+        ids = engine.chat_prompt_ids(messages)
+        assert ids == hf_chat_ids(hf_tokenizer, messages)
+        events = list(engine.stream(ids, GenerationConfig(max_tokens=20, ignore_eos=True)))
+    tokens = [e.token_id for e in token_events(events)]
+    assert len(tokens) == 20 and events[-1].generated_tokens == 20
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    reference = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=None)
+    assert tokens == reference[0, len(ids) :].tolist()
+    assert streamed_text(events) == hf_tokenizer.decode(tokens, skip_special_tokens=True)

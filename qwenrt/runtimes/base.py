@@ -9,10 +9,11 @@ timing and the end-of-stream report) lives here, once.
 from __future__ import annotations
 
 import codecs
+import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -228,6 +229,46 @@ def _tail_event(tail: str) -> TokenEvent:
     # Text held back for a possible stop string, released when the stream ends: it
     # belongs to no new token, so it carries the id -1.
     return TokenEvent(-1, tail, time.perf_counter())
+
+
+class TokenRelay:
+    """Tokens made on an engine's own thread, consumed as a generator on the caller's.
+
+    Engines whose generate call blocks and calls back once per token (OpenVINO GenAI,
+    transformers) run it on a worker thread: the relay carries (token id, time) pairs
+    across, re-raises the worker's exception in the caller, and raises ``cancelled``
+    once the caller stops reading, for the engine's callback to end the generation.
+    """
+
+    _DONE = object()
+
+    def __init__(self) -> None:
+        self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.cancelled = threading.Event()
+
+    def put(self, token_ids: Iterable[int]) -> None:
+        now = time.perf_counter()
+        for token_id in token_ids:
+            self._items.put((int(token_id), now))
+
+    def run(self, generate: Callable[[], object], name: str) -> Iterator[tuple[int, float]]:
+        def work() -> None:
+            try:
+                generate()
+            except BaseException as exc:  # handed to the caller's thread
+                self._items.put(exc)
+            self._items.put(self._DONE)
+
+        worker = threading.Thread(target=work, name=name, daemon=True)
+        worker.start()
+        try:
+            while (item := self._items.get()) is not self._DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancelled.set()
+            worker.join()
 
 
 class _TextAssembler:

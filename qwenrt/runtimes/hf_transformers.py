@@ -4,19 +4,14 @@ measured against (the write-up's starting point). Needs the ``convert`` extra (t
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from qwenrt.errors import ModelNotFoundError, QwenrtError
 from qwenrt.manifest import read_manifest
-from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig
+from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig, TokenRelay
 from qwenrt.runtimes.byte_vocab import token_byte_table
-
-_DONE = object()
 
 
 class TransformersEngine(Engine):
@@ -80,8 +75,7 @@ class TransformersEngine(Engine):
         from transformers.generation.streamers import BaseStreamer
 
         torch = self._torch
-        tokens: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        cancelled = threading.Event()
+        relay = TokenRelay()
 
         class TokenStreamer(BaseStreamer):
             prompt_seen = False
@@ -90,16 +84,14 @@ class TransformersEngine(Engine):
                 if not self.prompt_seen:  # generate() hands the prompt over first
                     self.prompt_seen = True
                     return
-                now = time.perf_counter()
-                for token_id in value.reshape(-1).tolist():
-                    tokens.put((token_id, now))
+                relay.put(value.reshape(-1).tolist())
 
             def end(self) -> None:
                 pass
 
         class Cancelled(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-                return cancelled.is_set()
+                return relay.cancelled.is_set()
 
         sampling: dict[str, Any] = {"do_sample": config.temperature > 0}
         if sampling["do_sample"]:
@@ -108,29 +100,16 @@ class TransformersEngine(Engine):
                 torch.manual_seed(config.seed)
 
         def run() -> None:
-            try:
-                with torch.inference_mode():
-                    self._model.generate(
-                        torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                        max_new_tokens=config.max_tokens, streamer=TokenStreamer(),
-                        stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                        eos_token_id=None if config.ignore_eos else sorted(self._eos),
-                        pad_token_id=self._tokenizer.pad_token_id, **sampling,
-                    )  # fmt: skip
-            except BaseException as exc:  # handed to the caller's thread
-                tokens.put(exc)
-            tokens.put(_DONE)
+            with torch.inference_mode():
+                self._model.generate(
+                    torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                    max_new_tokens=config.max_tokens, streamer=TokenStreamer(),
+                    stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                    eos_token_id=None if config.ignore_eos else sorted(self._eos),
+                    pad_token_id=self._tokenizer.pad_token_id, **sampling,
+                )  # fmt: skip
 
-        worker = threading.Thread(target=run, name="transformers-generate", daemon=True)
-        worker.start()
-        try:
-            while (item := tokens.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancelled.set()
-            worker.join()
+        return relay.run(run, "transformers-generate")
 
     def settings(self) -> dict[str, Any]:
         return {

@@ -8,17 +8,14 @@ tokens to the caller's generator.
 
 from __future__ import annotations
 
-import queue
 import random
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from qwenrt.errors import ArtifactError, ModelNotFoundError
 from qwenrt.manifest import OPENVINO_KEY, artifact_files
-from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig
+from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig, TokenRelay
 from qwenrt.runtimes.byte_vocab import token_byte_table
 
 REQUIRED_FILES = {
@@ -28,7 +25,6 @@ REQUIRED_FILES = {
     "openvino_detokenizer.xml": "the detokenizer IR",
     "tokenizer.json": "the tokenizer vocabulary",
 }
-_DONE = object()
 
 
 class OpenVINOEngine(Engine):
@@ -100,36 +96,17 @@ class OpenVINOEngine(Engine):
         ids = np.asarray([prompt_ids], dtype=np.int64)
         inputs = ov_genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
         generation = self._generation_config(config)
-        tokens: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        cancelled = threading.Event()
+        relay = TokenRelay()
 
         class TokenStreamer(ov_genai.StreamerBase):
             def write(self, token: int | list[int]) -> ov_genai.StreamingStatus:
-                now = time.perf_counter()
-                for token_id in token if isinstance(token, list) else [token]:
-                    tokens.put((token_id, now))
-                return ov_genai.StreamingStatus.CANCEL if cancelled.is_set() else ov_genai.StreamingStatus.RUNNING
+                relay.put(token if isinstance(token, list) else [token])
+                return ov_genai.StreamingStatus.CANCEL if relay.cancelled.is_set() else ov_genai.StreamingStatus.RUNNING
 
             def end(self) -> None:
                 pass
 
-        def run() -> None:
-            try:
-                self._pipe.generate(inputs, generation, TokenStreamer())
-            except BaseException as exc:  # handed to the caller's thread
-                tokens.put(exc)
-            tokens.put(_DONE)
-
-        worker = threading.Thread(target=run, name="openvino-generate", daemon=True)
-        worker.start()
-        try:
-            while (item := tokens.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancelled.set()
-            worker.join()
+        return relay.run(lambda: self._pipe.generate(inputs, generation, TokenStreamer()), "openvino-generate")
 
     def generate_batch(self, prompts: list[list[int]], config: GenerationConfig) -> tuple[float, list[list[int]]]:
         """Generate for several prompts of equal length at once (the write-up's batching).

@@ -110,15 +110,8 @@ def cli(debug: bool) -> None:
 @click.option(
     "--ov-symmetric/--ov-asymmetric", default=False, show_default=True, help="INT8 scheme of the OpenVINO weights."
 )
-@click.option(
-    "--ov-group-size",
-    type=int,
-    default=-1,
-    show_default=True,
-    help="Weights per INT8 scale for OpenVINO; -1 is one scale per output channel.",
-)
 def convert(source: str, out_dir: Path | None, fmt: str, force: bool, no_verify: bool,
-            ov_symmetric: bool, ov_group_size: int) -> None:  # fmt: skip
+            ov_symmetric: bool) -> None:  # fmt: skip
     """Convert SOURCE to GGUF Q8_0 and OpenVINO INT8.
 
     SOURCE is a Hugging Face checkpoint folder, a hub id (Qwen/Qwen2.5-0.5B-Instruct,
@@ -131,7 +124,7 @@ def convert(source: str, out_dir: Path | None, fmt: str, force: bool, no_verify:
     formats = FORMATS if fmt == "all" else (fmt,)
     result = run_convert(
         source, out_dir or default_model_dir(), formats, force=force, verify=not no_verify,
-        scheme=Int8Scheme(symmetric=ov_symmetric, group_size=ov_group_size),
+        scheme=Int8Scheme(symmetric=ov_symmetric),
         log=lambda line: click.echo(line, err=True),
     )  # fmt: skip
     click.echo("")

@@ -212,13 +212,27 @@ def _cell_result(
             "per_core_busy_percent": per_core,
         },
         "rss_after_load_bytes": rss_after_load,
-        # ru_maxrss: the process's own peak, in KiB on Linux.
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "artifact_bytes": _artifact_size(Path(settings["artifact"])),
         "token_ids": repetitions[0].token_ids,
         "repeat": len(repetitions),
         "pid": os.getpid(),
     }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory.
+
+    Linux's VmHWM starts afresh at exec; getrusage's ru_maxrss does not, and would report
+    the parent's peak for a worker started from a large process.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _ids_digest(ids: list[int]) -> str:

@@ -23,17 +23,17 @@ REQUIRED_FILES = [MODEL_XML, "openvino_model.bin", TOKENIZER_XML, DETOKENIZER_XM
 
 @dataclass(frozen=True)
 class Int8Scheme:
-    """nncf weight compression: asymmetric per-channel is optimum-intel's own INT8 default.
+    """nncf's INT8 weight compression, one scale per output channel.
 
-    See BENCHMARKS.md for the measurement behind the default.
+    nncf 3.x refuses group-wise INT8 ("INT8 modes require per-channel quantization"), so
+    the only choice left is symmetric or not; BENCHMARKS.md has the measurement behind
+    the default.
     """
 
     symmetric: bool = False
-    group_size: int = -1  # -1: one scale per output channel
 
     def describe(self) -> str:
-        grouping = "per-channel" if self.group_size == -1 else f"group {self.group_size}"
-        return f"int8 {'sym' if self.symmetric else 'asym'} {grouping}"
+        return f"int8 {'sym' if self.symmetric else 'asym'} per-channel"
 
 
 def export_openvino_int8(checkpoint: Checkpoint, out_dir: Path, scheme: Int8Scheme = Int8Scheme()) -> dict[str, int]:
@@ -43,7 +43,7 @@ def export_openvino_int8(checkpoint: Checkpoint, out_dir: Path, scheme: Int8Sche
     from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
     from transformers import AutoTokenizer
 
-    quantization = OVWeightQuantizationConfig(bits=8, sym=scheme.symmetric, group_size=scheme.group_size)
+    quantization = OVWeightQuantizationConfig(bits=8, sym=scheme.symmetric, group_size=-1)
     try:
         model = OVModelForCausalLM.from_pretrained(
             checkpoint.path, export=True, compile=False, quantization_config=quantization, local_files_only=True

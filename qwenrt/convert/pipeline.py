@@ -215,8 +215,7 @@ def _build(
         log(f"openvino: exporting with {scheme.describe()} weights …")
         target.mkdir()
         types = export_openvino_int8(checkpoint, target, scheme)
-        extra = {"format": "openvino-ir", "quantization": scheme.describe(), "symmetric": scheme.symmetric,
-                 "group_size": scheme.group_size}  # fmt: skip
+        extra = {"format": "openvino-ir", "quantization": scheme.describe(), "symmetric": scheme.symmetric}
     seconds = time.perf_counter() - started
     files = _file_entries(staging, target)
     record = {"path": name, **extra, "weight_types": types, "files": files, "seconds": round(seconds, 1),

@@ -7,7 +7,6 @@ need another conversion (an untied model, a forced or killed run) write into
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from helpers import sha256, snapshot, staging_folders
 
 from qwenrt import __version__
 from qwenrt.convert.openvino_int8 import weight_types
@@ -47,29 +47,12 @@ def quiet(line: str) -> None:
     pass
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def field(reader: gguf.GGUFReader, key: str) -> object:
     return reader.fields[key].contents()
 
 
 def gguf_path(model_dir: Path) -> Path:
     return model_dir / read_manifest(model_dir)["artifacts"][GGUF_KEY]["path"]
-
-
-def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
-    """Every file under ``folder`` with its size, mtime and hash: equal snapshots mean nothing was rewritten."""
-    return {
-        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, sha256(p))
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def staging_folders(out: Path) -> list[Path]:
-    return sorted(out.parent.glob(f".{out.name}.partial-*"))
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,6 @@ conversion (test_convert.py), the chat's bad requests and its Ctrl-C
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import resource
@@ -27,6 +26,7 @@ import gguf
 import numpy as np
 import psutil
 import pytest
+from helpers import snapshot, staging_folders
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -68,23 +68,6 @@ def error_line(result: subprocess.CompletedProcess, *, alone: bool = True) -> st
     if alone:
         assert len(lines) == 1, stderr
     return errors[0]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
-    """Every file with its size, mtime and hash: equal snapshots mean nothing was touched."""
-    return {
-        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, sha256(p))
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def staging_folders(out: Path) -> list[Path]:
-    return sorted(out.parent.glob(f".{out.name}.partial-*"))
 
 
 def gguf_of(model_dir: Path) -> Path:

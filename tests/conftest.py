@@ -15,6 +15,7 @@ from tiny_model import build_tiny_qwen2  # noqa: E402
 from qwenrt.paths import cache_root  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+ENGINES = ["gguf", "openvino"]
 QWENRT = [sys.executable, "-m", "qwenrt.cli"]
 
 
@@ -58,3 +59,25 @@ def demo_model() -> Path:
         return convert("demo", USER_CACHE / "test-models" / "demo", log=print).out_dir
     finally:
         os.environ["QWENRT_HOME"] = previous
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model: Path):
+    """Both engines open on the tiny model, for the runtime and chat tests (each module its own).
+
+    One thread each: the tiny model gains nothing from two, and a machine shared with
+    other work slows llama.cpp's spinning thread pool down badly when a core is taken.
+    No prefix cache: OpenVINO's changes greedy answers a little (see the prefix-cache
+    tests), and these tests ask the same question twice and compare the answers.
+    """
+    from qwenrt.runtimes import EngineOptions, open_engine
+
+    opened = {name: open_engine(name, tiny_model, EngineOptions(threads=1, prefix_cache=False)) for name in ENGINES}
+    yield opened
+    for engine in opened.values():
+        engine.close()
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, engines: dict):
+    return engines[request.param]

@@ -18,30 +18,15 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from conftest import ENGINES
 
 from qwenrt.chat import ChatSession, format_stats, interactive, print_answer
 from qwenrt.errors import QwenrtError
 from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, TokenEvent, open_engine
 
-ENGINES = ["gguf", "openvino"]
 QWENRT = [sys.executable, "-m", "qwenrt.cli"]
 STATS = re.compile(r"\[first token [^\]]*?(\d+) prompt \+ (\d+) new tokens · ended by (\w+)\]")
 TOO_LONG = "The quick brown fox jumps over the lazy dog. " * 80
-
-
-@pytest.fixture(scope="module")
-def engines(tiny_model: Path):
-    # No prefix cache: these tests compare answers to the same question, and OpenVINO's
-    # cache changes the numbers a little (see test_runtimes).
-    opened = {name: open_engine(name, tiny_model, EngineOptions(threads=1, prefix_cache=False)) for name in ENGINES}
-    yield opened
-    for engine in opened.values():
-        engine.close()
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request: pytest.FixtureRequest, engines: dict):
-    return engines[request.param]
 
 
 def answer(session: ChatSession, text: str, cancel: threading.Event | None = None) -> StreamEnd:

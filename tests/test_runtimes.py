@@ -18,6 +18,7 @@ from itertools import combinations
 from pathlib import Path
 
 import pytest
+from conftest import ENGINES
 
 from qwenrt.errors import ModelNotFoundError, QwenrtError
 from qwenrt.runtimes import (
@@ -31,7 +32,6 @@ from qwenrt.runtimes import (
 )
 from qwenrt.runtimes.base import _TextAssembler
 
-ENGINES = ["gguf", "openvino"]
 CHINESE_EMOJI = "你好😀 请写一段 Python 快速排序函数 ✨🚀"
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello fox"}],
@@ -59,24 +59,6 @@ def streamed_text(events: list) -> str:
 
 def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
-
-
-@pytest.fixture(scope="module")
-def engines(tiny_model: Path):
-    # One thread each: the tiny model gains nothing from two, and a machine shared with
-    # other work slows llama.cpp's spinning thread pool down badly when a core is taken.
-    # No prefix cache: OpenVINO's changes the numbers a little (see the prefix-cache tests),
-    # and these tests ask the same question twice and compare the answers.
-    options = EngineOptions(threads=1, prefix_cache=False)
-    opened = {name: open_engine(name, tiny_model, options) for name in ENGINES}
-    yield opened
-    for engine in opened.values():
-        engine.close()
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request: pytest.FixtureRequest, engines: dict):
-    return engines[request.param]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from qwenrt.errors import QwenrtError
+from qwenrt.errors import ModelNotFoundError, QwenrtError
 from qwenrt.manifest import trained_context_length
 from qwenrt.runtimes.chat_template import Message, render_chat
 from qwenrt.runtimes.threads import ThreadPlan
@@ -116,6 +116,13 @@ class Engine(ABC):
             self.threads.apply_to_process()
         trained = trained_context_length(self.model_dir)
         self.context_length = options.context_length or min(DEFAULT_CONTEXT, trained or DEFAULT_CONTEXT)
+
+    @staticmethod
+    def model_not_found(model_dir: Path, artifact: str) -> ModelNotFoundError:
+        """The error for a model folder without this engine's artifact, with the way out."""
+        return ModelNotFoundError(
+            f"{model_dir}: no {artifact}; make one with 'qwenrt convert demo' or 'qwenrt convert CHECKPOINT'"
+        )
 
     # --- what each engine provides -------------------------------------------------
     @classmethod

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qwenrt.errors import ArtifactError, ModelNotFoundError
+from qwenrt.errors import ArtifactError
 from qwenrt.manifest import GGUF_KEY, artifact_files, trained_context_length
 from qwenrt.runtimes.base import DEFAULT_CONTEXT, Engine, EngineOptions, GenerationConfig
 
@@ -28,9 +28,7 @@ class LlamaCppEngine(Engine):
     def artifact_path(cls, model_dir: Path) -> Path:
         files = artifact_files(model_dir, GGUF_KEY)
         if not files:
-            raise ModelNotFoundError(
-                f"{model_dir}: no GGUF model; make one with 'qwenrt convert demo' or 'qwenrt convert CHECKPOINT'"
-            )
+            raise cls.model_not_found(model_dir, "GGUF model")
         return files[0]
 
     def __init__(self, model_dir: Path, options: EngineOptions = EngineOptions()) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qwenrt.errors import ArtifactError, ModelNotFoundError
+from qwenrt.errors import ArtifactError
 from qwenrt.manifest import OPENVINO_KEY, artifact_files
 from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig, TokenRelay
 from qwenrt.runtimes.byte_vocab import token_byte_table
@@ -36,9 +36,7 @@ class OpenVINOEngine(Engine):
     def artifact_path(cls, model_dir: Path) -> Path:
         files = artifact_files(model_dir, OPENVINO_KEY)
         if not files:
-            raise ModelNotFoundError(
-                f"{model_dir}: no OpenVINO model; make one with 'qwenrt convert demo' or 'qwenrt convert CHECKPOINT'"
-            )
+            raise cls.model_not_found(model_dir, "OpenVINO model")
         folder = files[0]
         missing = [f"{name} ({what})" for name, what in REQUIRED_FILES.items() if not (folder / name).is_file()]
         if missing:

@@ -41,10 +41,15 @@ class EngineOptions:
     # Leave threads and hints at the engine's own defaults: the "before" rows of
     # compare --ladder, never a setting to ship.
     engine_defaults: bool = False
+    # Generations a server may run at once. Engines that batch (OpenVINO's continuous
+    # batching) share each forward pass among them; the others serve one at a time.
+    parallel: int = 1
 
     def __post_init__(self) -> None:
         if self.context_length is not None and self.context_length < 1:
             raise QwenrtError(f"context length must be 1 or more, not {self.context_length}")
+        if self.parallel < 1:
+            raise QwenrtError(f"parallel requests must be 1 or more, not {self.parallel}")
 
 
 @dataclass(frozen=True)
@@ -103,10 +108,16 @@ Event = TokenEvent | StreamEnd
 
 
 class Engine(ABC):
-    """One inference engine behind qwenrt's interface; use as a context manager."""
+    """One inference engine behind qwenrt's interface; use as a context manager.
+
+    ``stream`` may be called from several threads at once up to ``concurrency``
+    streams; an engine that cannot batch keeps ``concurrency`` at 1 and its caller
+    (the server) queues the rest.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
+    concurrency: int = 1
 
     def __init__(self, model_dir: Path, options: EngineOptions = EngineOptions()) -> None:
         self.model_dir = Path(model_dir)

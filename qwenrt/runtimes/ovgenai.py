@@ -4,16 +4,27 @@ GenAI's text streamer merges tokens until they make printable text, so it can
 neither count nor time tokens; a token-level streamer (``StreamerBase``) gets every
 token id as it is sampled. GenAI calls it on its own thread, and a queue hands the
 tokens to the caller's generator.
+
+With ``parallel`` above 1 (the server), the engine runs GenAI's
+``ContinuousBatchingPipeline`` instead: every request in flight joins the same
+forward pass at its next step, the write-up's batching without waiting for a batch
+to fill. One thread steps the pipeline and hands each request its tokens. A single
+stream stays on ``LLMPipeline``, whose C++ loop decodes 3-4 % faster than stepping
+from Python (BENCHMARKS.md, "Serving").
 """
 
 from __future__ import annotations
 
+import itertools
+import queue
 import random
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qwenrt.errors import ArtifactError
+from qwenrt.errors import ArtifactError, QwenrtError
 from qwenrt.manifest import OPENVINO_KEY, artifact_files
 from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig, TokenRelay
 from qwenrt.runtimes.byte_vocab import token_byte_table
@@ -56,10 +67,18 @@ class OpenVINOEngine(Engine):
             # decode +7 % over the plugin's default here (BENCHMARKS.md, "Tuning").
             "DYNAMIC_QUANTIZATION_GROUP_SIZE": DYNAMIC_QUANTIZATION_GROUP_SIZE,
         }  # fmt: skip
+        self._pipe: Any = None
+        self._batcher: _ContinuousBatcher | None = None
         try:
-            self._pipe = ov_genai.LLMPipeline(
-                str(path), "CPU", scheduler_config=self._scheduler_config(), **self._properties
-            )
+            if options.parallel > 1:
+                self._batcher = _ContinuousBatcher(
+                    ov_genai.ContinuousBatchingPipeline(str(path), self._scheduler_config(), "CPU", self._properties)
+                )
+                self.concurrency = options.parallel
+            else:
+                self._pipe = ov_genai.LLMPipeline(
+                    str(path), "CPU", scheduler_config=self._scheduler_config(), **self._properties
+                )
         except RuntimeError as exc:
             # OpenVINO's first line names its own source file; the last one says what is wrong.
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -69,11 +88,15 @@ class OpenVINOEngine(Engine):
                 "with 'qwenrt convert SOURCE --format openvino --force'"
             ) from None
         self.path = path
-        self._tokenizer = self._pipe.get_tokenizer()
-        self._bytes = token_byte_table(path / "tokenizer.json")
-        self._eos = frozenset(
-            {self._tokenizer.get_eos_token_id()} | set(self._pipe.get_generation_config().stop_token_ids)
+        native = self._batcher.pipe if self._batcher is not None else self._pipe
+        self._tokenizer = native.get_tokenizer()
+        # Each call returns a fresh copy of the model's generation_config.json, which requests edit.
+        self._native_generation_config = (
+            native.get_config if self._batcher is not None else native.get_generation_config
         )
+        self._bytes = token_byte_table(path / "tokenizer.json")
+        stop_ids = self._native_generation_config().stop_token_ids
+        self._eos = frozenset({self._tokenizer.get_eos_token_id()} | set(stop_ids))
 
     @property
     def chat_template(self) -> str:
@@ -95,9 +118,11 @@ class OpenVINOEngine(Engine):
         import openvino as ov
         import openvino_genai as ov_genai
 
+        generation = self._generation_config(config)
+        if self._batcher is not None:
+            return self._batcher.submit(prompt_ids, generation)
         ids = np.asarray([prompt_ids], dtype=np.int64)
         inputs = ov_genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
-        generation = self._generation_config(config)
         relay = TokenRelay()
 
         class TokenStreamer(ov_genai.StreamerBase):
@@ -115,6 +140,8 @@ class OpenVINOEngine(Engine):
 
         Returns the first-token latency, from GenAI's own metrics, and each prompt's tokens.
         """
+        if self._pipe is None:
+            raise QwenrtError("generate_batch needs the engine opened with parallel=1")
         import numpy as np
         import openvino as ov
         import openvino_genai as ov_genai
@@ -131,12 +158,14 @@ class OpenVINOEngine(Engine):
 
         scheduler = ov_genai.SchedulerConfig()
         scheduler.enable_prefix_caching = self.options.prefix_cache
+        if self.options.parallel > 1:
+            scheduler.max_num_seqs = self.options.parallel
         return scheduler
 
     def _generation_config(self, config: GenerationConfig) -> Any:
         import openvino_genai as ov_genai
 
-        generation = self._pipe.get_generation_config()
+        generation = self._native_generation_config()
         generation.max_new_tokens = config.max_tokens
         generation.ignore_eos = config.ignore_eos
         generation.stop_strings = set()  # stop strings are cut by qwenrt, the same way for every engine
@@ -156,6 +185,10 @@ class OpenVINOEngine(Engine):
             generation.rng_seed = config.seed if config.seed is not None else random.randrange(2**31)
         return generation
 
+    def requests_in_flight(self) -> int:
+        """Generations the continuous-batching pipeline is running (always 0 on LLMPipeline)."""
+        return self._batcher.in_flight() if self._batcher is not None else 0
+
     def settings(self) -> dict[str, Any]:
         return {
             "engine": "openvino-genai",
@@ -164,10 +197,116 @@ class OpenVINOEngine(Engine):
             **self._properties,
             "pinned_cpus": self.threads.pinned_cpus() if self.threads.pin else None,
             "prefix_cache": self.options.prefix_cache,
+            "pipeline": "ContinuousBatchingPipeline" if self._batcher is not None else "LLMPipeline",
+            "parallel": self.concurrency,
         }
 
     def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
         self._pipe = None
+
+
+class _ContinuousBatcher:
+    """Steps one ContinuousBatchingPipeline on its own thread for every request in flight.
+
+    Requests join at the next step and leave when they finish or their reader stops
+    (the handle is cancelled, which frees its KV blocks). GenAI's ``step`` holds the
+    GIL, so the loop does as little Python as it can between steps.
+    """
+
+    _DONE = object()
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self._wake = threading.Condition()
+        self._arrivals: list[tuple[int, list[int], Any, queue.SimpleQueue[Any], threading.Event]] = []
+        self._in_flight: dict[int, tuple[Any, queue.SimpleQueue[Any], threading.Event]] = {}
+        self._ids = itertools.count()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="openvino-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_ids: list[int], generation: Any) -> Iterator[tuple[int, float]]:
+        tokens: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        left = threading.Event()
+        with self._wake:
+            if self._closed:
+                raise QwenrtError("the OpenVINO engine is closed")
+            self._arrivals.append((next(self._ids), prompt_ids, generation, tokens, left))
+            self._wake.notify()
+        return self._read(tokens, left)
+
+    def _read(self, tokens: queue.SimpleQueue[Any], left: threading.Event) -> Iterator[tuple[int, float]]:
+        try:
+            while (item := tokens.get()) is not self._DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            left.set()
+            with self._wake:
+                self._wake.notify()
+
+    def _run(self) -> None:
+        import numpy as np
+        import openvino as ov
+        import openvino_genai as ov_genai
+
+        running = ov_genai.GenerationStatus.RUNNING
+        while True:
+            with self._wake:
+                while not self._closed and not self._arrivals and not self._in_flight:
+                    self._wake.wait()
+                if self._closed:
+                    break
+                arrivals, self._arrivals = self._arrivals, []
+            for request_id, prompt_ids, generation, tokens, left in arrivals:
+                try:
+                    ids = ov.Tensor(np.asarray([prompt_ids], dtype=np.int64))
+                    self._in_flight[request_id] = (self.pipe.add_request(request_id, ids, generation), tokens, left)
+                except Exception as exc:
+                    tokens.put(exc)
+            for request_id, (handle, tokens, left) in list(self._in_flight.items()):
+                if left.is_set():
+                    handle.cancel()
+                    del self._in_flight[request_id]
+                    tokens.put(self._DONE)
+            try:
+                if self.pipe.has_non_finished_requests():
+                    self.pipe.step()
+            except Exception as exc:
+                for _, tokens, _ in self._in_flight.values():
+                    tokens.put(exc)
+                self._in_flight.clear()
+                continue
+            now = time.perf_counter()
+            idle = not self.pipe.has_non_finished_requests()
+            for request_id, (handle, tokens, _) in list(self._in_flight.items()):
+                if handle.can_read():
+                    for output in handle.read().values():
+                        for token_id in output.generated_ids:
+                            tokens.put((int(token_id), now))
+                # A request the pipeline no longer runs (finished, or refused as IGNORED) ends here.
+                if idle or handle.get_status() != running:
+                    del self._in_flight[request_id]
+                    tokens.put(self._DONE)
+        for _, tokens, _ in self._in_flight.values():
+            tokens.put(self._DONE)
+        for _, _, _, tokens, _ in self._arrivals:
+            tokens.put(self._DONE)
+
+    def in_flight(self) -> int:
+        with self._wake:
+            return len(self._arrivals) + len(self._in_flight)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+        self.pipe = None
 
 
 ENGINE = OpenVINOEngine

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_PROMPT ?= Write a Python quicksort function
 
-.PHONY: install demo test test-fast test-real lint bench clean
+.PHONY: install demo test test-fast test-real lint bench bench-serve clean
 
 install: $(VENV)/.installed
 
@@ -24,8 +24,8 @@ demo: install
 	$(BIN)/qwenrt compare --max-tokens 64 --repeat 3
 
 lint: install
-	$(BIN)/ruff check qwenrt tests
-	$(BIN)/ruff format --check qwenrt tests
+	$(BIN)/ruff check qwenrt tests bench
+	$(BIN)/ruff format --check qwenrt tests bench
 
 test: install lint
 	$(BIN)/pytest
@@ -40,6 +40,11 @@ test-real: install
 bench: install
 	$(BIN)/qwenrt convert demo
 	$(BIN)/python bench/run.py
+
+# `qwenrt serve` under load at 1, 2 and 4 clients: bench/serve_load.json and .md (about 5 minutes).
+bench-serve: install
+	$(BIN)/qwenrt convert demo
+	$(BIN)/python bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

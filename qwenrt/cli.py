@@ -319,6 +319,68 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
         raise QwenrtError(f"no cell could be measured: {reasons[0] if reasons else 'no cells'}{more}")
 
 
+@cli.command()
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="openvino", show_default=True)
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Model folder [default: the user cache].")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores].")
+@click.option("--pin", is_flag=True, help="Pin the threads to physical cores.")
+@click.option(
+    "--context-length",
+    type=int,
+    default=None,
+    help="Context window in tokens [default: the model's trained context, at most 4096].",
+)
+@click.option(
+    "--parallel",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Requests generated at once (OpenVINO batches them; llama.cpp always takes one at a time).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
+@click.option("--max-tokens", "max_tokens_limit", type=click.IntRange(1), default=2048, show_default=True,
+              help="The most tokens one request may ask for.")  # fmt: skip
+@click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
+              help="Requests that may wait for a place before the server answers 503.")  # fmt: skip
+@click.option("--max-body", "max_body_bytes", type=click.IntRange(1024), default=1 << 20, show_default=True,
+              help="Largest request body in bytes.")  # fmt: skip
+@click.option("--api-key", envvar="QWENRT_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' [env: QWENRT_API_KEY].")  # fmt: skip
+@click.option("--model-name", default=None, help="Model id shown to clients [default: the model folder's name].")
+@click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
+              help="Reuse the KV cache of a conversation's earlier turns.")  # fmt: skip
+@click.option("--no-access-log", is_flag=True, help="Log only qwenrt's line per answer, not every HTTP request.")
+def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, context_length: int | None,
+          parallel: int, host: str, port: int, max_tokens_limit: int, max_queue: int, max_body_bytes: int,
+          api_key: str | None, model_name: str | None, prefix_cache: bool, no_access_log: bool) -> None:  # fmt: skip
+    """Serve the model over an OpenAI-compatible API (/v1/chat/completions), streaming.
+
+    Stops cleanly on SIGTERM or Ctrl-C: answers in flight get a few seconds to finish.
+    """
+    from qwenrt.runtimes import EngineOptions, engine_class, open_engine
+    from qwenrt.serve.app import ServerLimits
+    from qwenrt.serve.server import is_loopback, listen, serve
+
+    model_dir = _model_dir(model)
+    engine_class(runtime).artifact_path(model_dir)
+    if not is_loopback(host) and not api_key:
+        click.echo(f"qwenrt: warning: listening on {host} without --api-key: anyone who can reach it can use it",
+                   err=True)  # fmt: skip
+    # Bind before loading the model: a taken port is reported at once, not after the load.
+    sock = listen(host, port)
+    options = EngineOptions(threads=threads, pin=pin, context_length=context_length, parallel=parallel,
+                            prefix_cache=prefix_cache)  # fmt: skip
+    limits = ServerLimits(max_body_bytes=max_body_bytes, max_tokens=max_tokens_limit, max_queue=max_queue,
+                          api_key=api_key)  # fmt: skip
+    try:
+        engine = open_engine(runtime, model_dir, options)
+    except BaseException:
+        sock.close()
+        raise
+    serve(engine, model_name or model_dir.name, sock, limits, access_log=not no_access_log)
+
+
 def _check_output(path: Path) -> None:
     folder = path.parent
     if path.is_dir():

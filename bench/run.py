@@ -73,18 +73,26 @@ def _qwenrt_run(engine: Any, ids: list[int], config: GenerationConfig) -> tuple[
 
 
 def _llama_native(engine: Any, ids: list[int], tokens: int) -> tuple[float, float]:
-    """llama-cpp-python's low-level API: eval the prompt, then sample and eval one token at a time."""
-    llm = engine._llm
-    llm.reset()
-    started = time.perf_counter()
-    llm.eval(ids)
-    token = llm.sample(temp=0.0)
-    first = time.perf_counter()
-    for _ in range(tokens - 1):
-        llm.eval([token])
+    """llama-cpp-python's low-level API: eval the prompt, then sample and eval one token at a time.
+
+    On the engine's own thread, where qwenrt's path evaluates too: llama.cpp slows down
+    for good once two threads have run it (OpenMP teams; see qwenrt/runtimes/llamacpp.py).
+    """
+
+    def native() -> tuple[float, float]:
+        llm = engine._llm
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(ids)
         token = llm.sample(temp=0.0)
-    finished = time.perf_counter()
-    return first - started, (tokens - 1) / (finished - first)
+        first = time.perf_counter()
+        for _ in range(tokens - 1):
+            llm.eval([token])
+            token = llm.sample(temp=0.0)
+        finished = time.perf_counter()
+        return first - started, (tokens - 1) / (finished - first)
+
+    return engine.on_engine_thread(native)
 
 
 def _openvino_native(engine: Any, ids: list[int], tokens: int) -> tuple[float, float]:

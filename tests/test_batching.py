@@ -154,3 +154,27 @@ def test_closing_the_engine_ends_a_stream_in_flight(tiny_model: Path) -> None:
     engine.close()
     reader.join(timeout=30)
     assert finished.is_set(), "the reader of a stream hung after the engine closed"
+
+
+def test_llama_cpp_evaluates_on_one_thread_whoever_asks(tiny_model: Path) -> None:
+    """Once two threads have run llama.cpp, its OpenMP teams outnumber the cores and decode
+    loses a third (BENCHMARKS.md): the engine hands every evaluation to a thread of its own."""
+    with open_engine("gguf", tiny_model, EngineOptions(threads=1, prefix_cache=False)) as llama:
+        evaluated_on: list[str] = []
+        evaluate = llama._llm.eval
+
+        def recording_eval(tokens: list[int]) -> None:  # a spy: the real evaluation still runs
+            evaluated_on.append(threading.current_thread().name)
+            evaluate(tokens)
+
+        llama._llm.eval = recording_eval
+        config = GenerationConfig(max_tokens=5, ignore_eos=True)
+        ask = [{"role": "user", "content": "Hello fox"}]
+        here = list(llama.stream_chat(ask, config))
+        there: list[list] = []
+        caller = threading.Thread(target=lambda: there.append(list(llama.stream_chat(ask, config))))
+        caller.start()
+        caller.join(timeout=60)
+        assert token_ids(here) == token_ids(there[0])
+        assert len(evaluated_on) >= 10
+        assert len(set(evaluated_on)) == 1 and evaluated_on[0].startswith("llama.cpp"), set(evaluated_on)

@@ -4,20 +4,30 @@ Generation runs on llama-cpp-python's token-level loop (``Llama.generate``), not
 chat-completion layer, which decodes the whole answer again at every token and holds
 text back on its own terms. ``generate`` also reuses the KV cache of the longest
 common prefix with the previous prompt, which is what a second chat turn needs.
+
+Every evaluation runs on one thread that the engine owns, whichever thread asks. The
+package's llama.cpp is built with OpenMP, and libgomp keeps a thread team per calling
+thread: once two threads have run llama.cpp, the two teams outnumber the cores, libgomp
+stops spinning between steps, and decode drops by a third for good (27 → 17 tok/s on 2
+threads here; BENCHMARKS.md, "Serving"). The server's worker threads, a chat's
+interruptible reader or a library user's own threads all pay that unless the work is
+handed to a single thread; the hand-over costs well under 0.1 ms a token.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qwenrt.errors import ArtifactError
 from qwenrt.manifest import GGUF_KEY, artifact_files, trained_context_length
 from qwenrt.runtimes.base import DEFAULT_CONTEXT, Engine, EngineOptions, GenerationConfig
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "draw a seed at random" (llama_cpp.LLAMA_DEFAULT_SEED)
+T = TypeVar("T")
 
 
 class LlamaCppEngine(Engine):
@@ -50,6 +60,7 @@ class LlamaCppEngine(Engine):
             self._llm = Llama(model_path=str(path), n_ctx=self.context_length, n_batch=512, verbose=False, **threads)
         except (ValueError, RuntimeError) as exc:
             raise ArtifactError(f"{path}: llama.cpp could not load the model ({exc})") from None
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama.cpp")
         self.path = path
         metadata = self._llm.metadata
         self._chat_template = metadata.get("tokenizer.chat_template", "")
@@ -73,6 +84,10 @@ class LlamaCppEngine(Engine):
             piece = self._piece_cache[token_id] = self._llm.detokenize([token_id], special=False)
         return piece
 
+    def on_engine_thread(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (anything that evaluates with this engine's ``Llama``) on the engine's thread."""
+        return self._compute.submit(work).result()
+
     def _generate(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[tuple[int, float]]:
         llm = self._llm
         if not self.options.prefix_cache:
@@ -89,11 +104,18 @@ class LlamaCppEngine(Engine):
             repeat_penalty=1.0,
             reset=True,
         )
+
+        def step() -> tuple[int, float] | None:
+            token = next(tokens, None)
+            return None if token is None else (token, time.perf_counter())
+
+        # One token per hand-over, each asked for by the reader: nothing is evaluated ahead
+        # of what the reader takes, so stopping costs no extra token.
         try:
-            for token in tokens:
-                yield token, time.perf_counter()
+            while (produced := self.on_engine_thread(step)) is not None:
+                yield produced
         finally:
-            tokens.close()
+            self.on_engine_thread(tokens.close)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -111,6 +133,7 @@ class LlamaCppEngine(Engine):
     def close(self) -> None:
         llm = getattr(self, "_llm", None)
         if llm is not None:
+            self._compute.shutdown(wait=True)
             llm.close()
             self._llm = None
 

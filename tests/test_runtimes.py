@@ -336,6 +336,23 @@ def test_closing_the_stream_early_leaves_the_engine_usable(engine) -> None:
     assert end.generated_tokens == 10
 
 
+@pytest.mark.parametrize("name, parallel", [("gguf", 1), ("openvino", 1), ("openvino", 2)])
+def test_closing_an_engine_frees_its_native_model(tiny_model: Path, name: str, parallel: int) -> None:
+    """Nothing may keep the native model alive after close: a benchmark opens a second
+    engine right after the first, and a model kept alive doubled its peak memory."""
+    import gc
+    import weakref
+
+    engine = open_engine(name, tiny_model, EngineOptions(threads=1, parallel=parallel))
+    list(engine.stream_chat(user("Hello fox"), GenerationConfig(max_tokens=3, ignore_eos=True)))
+    native = {"gguf": lambda: engine._llm, "openvino": lambda: engine._pipe or engine._batcher.pipe}[name]()
+    alive = weakref.ref(native)
+    del native
+    engine.close()
+    gc.collect()
+    assert alive() is None
+
+
 def test_sampling_with_a_seed_repeats(engine) -> None:
     config = GenerationConfig(max_tokens=30, temperature=1.5, top_p=0.95, top_k=50, seed=7, ignore_eos=True)
     first = [e.token_id for e in token_events(list(engine.stream_chat(user("Hello fox"), config)))]

@@ -6,6 +6,7 @@ import os
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -145,17 +146,24 @@ def _model_dir(model: Path | None) -> Path:
     return path
 
 
+def _engine_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options that open an engine, the same for every command that opens one."""
+    options = [
+        click.option("--model", type=click.Path(path_type=Path), default=None,
+                     help="Model folder [default: the user cache]."),
+        click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores]."),
+        click.option("--pin", is_flag=True, help="Pin the threads to physical cores."),
+        click.option("--context-length", type=int, default=None,
+                     help="Context window in tokens [default: the model's trained context, at most 4096]."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.option("--runtime", type=click.Choice(RUNTIMES), default="gguf", show_default=True)
-@click.option("--model", type=click.Path(path_type=Path), default=None, help="Model folder [default: the user cache].")
-@click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores].")
-@click.option("--pin", is_flag=True, help="Pin the threads to physical cores.")
-@click.option(
-    "--context-length",
-    type=int,
-    default=None,
-    help="Context window in tokens [default: the model's trained context, at most 4096].",
-)
+@_engine_options
 @click.option("--system", default=None, help="System message.")
 @click.option("--max-tokens", type=int, default=512, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
@@ -321,15 +329,7 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
 
 @cli.command()
 @click.option("--runtime", type=click.Choice(RUNTIMES), default="openvino", show_default=True)
-@click.option("--model", type=click.Path(path_type=Path), default=None, help="Model folder [default: the user cache].")
-@click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores].")
-@click.option("--pin", is_flag=True, help="Pin the threads to physical cores.")
-@click.option(
-    "--context-length",
-    type=int,
-    default=None,
-    help="Context window in tokens [default: the model's trained context, at most 4096].",
-)
+@_engine_options
 @click.option(
     "--parallel",
     type=click.IntRange(1, 64),

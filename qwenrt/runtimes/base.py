@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from qwenrt.errors import ModelNotFoundError, QwenrtError
-from qwenrt.manifest import trained_context_length
+from qwenrt.manifest import artifact_files, trained_context_length
 from qwenrt.runtimes.chat_template import Message, render_chat
 from qwenrt.runtimes.threads import ThreadPlan
 
@@ -134,6 +134,14 @@ class Engine(ABC):
         return ModelNotFoundError(
             f"{model_dir}: no {artifact}; make one with 'qwenrt convert demo' or 'qwenrt convert CHECKPOINT'"
         )
+
+    @classmethod
+    def manifest_artifact(cls, model_dir: Path, key: str, what: str) -> Path:
+        """The first file the model folder's manifest lists under ``key``, or the way to make one."""
+        files = artifact_files(model_dir, key)
+        if not files:
+            raise cls.model_not_found(model_dir, what)
+        return files[0]
 
     # --- what each engine provides -------------------------------------------------
     @classmethod

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from qwenrt.errors import ArtifactError
-from qwenrt.manifest import GGUF_KEY, artifact_files, trained_context_length
+from qwenrt.manifest import GGUF_KEY, trained_context_length
 from qwenrt.runtimes.base import DEFAULT_CONTEXT, Engine, EngineOptions, GenerationConfig
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "draw a seed at random" (llama_cpp.LLAMA_DEFAULT_SEED)
@@ -36,10 +36,7 @@ class LlamaCppEngine(Engine):
 
     @classmethod
     def artifact_path(cls, model_dir: Path) -> Path:
-        files = artifact_files(model_dir, GGUF_KEY)
-        if not files:
-            raise cls.model_not_found(model_dir, "GGUF model")
-        return files[0]
+        return cls.manifest_artifact(model_dir, GGUF_KEY, "GGUF model")
 
     def __init__(self, model_dir: Path, options: EngineOptions = EngineOptions()) -> None:
         super().__init__(model_dir, options)

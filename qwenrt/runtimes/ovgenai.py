@@ -9,8 +9,8 @@ With ``parallel`` above 1 (the server), the engine runs GenAI's
 ``ContinuousBatchingPipeline`` instead: every request in flight joins the same
 forward pass at its next step, the write-up's batching without waiting for a batch
 to fill. One thread steps the pipeline and hands each request its tokens. A single
-stream stays on ``LLMPipeline``, whose C++ loop decodes 3-4 % faster than stepping
-from Python (BENCHMARKS.md, "Serving").
+stream stays on ``LLMPipeline``: its C++ loop decoded 0-5 % faster than stepping from
+Python in the runs of BENCHMARKS.md ("Serving"), and chat and compare are measured on it.
 """
 
 from __future__ import annotations

@@ -64,6 +64,9 @@ def test_every_cell_measured_and_json_matches_schema(comparison: tuple[dict, Pat
         assert cell["first_token_s"]["n"] == 3
         assert cell["decode_tps"]["median"] > 0
         assert cell["peak_rss_bytes"] >= cell["rss_after_load_bytes"] > 0
+        # Linux splits what is resident now into private and file-backed memory (the mapped artifact).
+        assert cell["rss_private_bytes"] > 0 and cell["rss_file_backed_bytes"] > 0
+        assert cell["rss_private_bytes"] + cell["rss_file_backed_bytes"] <= cell["peak_rss_bytes"]
         assert cell["artifact_bytes"] > 0
 
 

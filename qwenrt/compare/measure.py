@@ -92,10 +92,11 @@ def run_cell(spec: CellSpec, progress: Callable[[str], None] = lambda _: None) -
         for index in range(spec.repeat):
             progress(f"repetition {index + 1}/{spec.repeat}")
             repetitions.append(measure(engine, prompt_ids, previous_ids, config, spec.batch))
+        resident = resident_memory()
         settings = engine.settings()
     cached_first_token_s = None if second_turn or spec.batch > 1 else _cached_first_token(spec, prompt_ids, config)
     return _cell_result(spec, conversation, settings, load_s, rss_after_load, prompt_ids, repetitions,
-                        cached_first_token_s)  # fmt: skip
+                        cached_first_token_s, resident)  # fmt: skip
 
 
 def _cached_first_token(spec: CellSpec, prompt_ids: list[int], config: GenerationConfig) -> float:
@@ -183,6 +184,7 @@ def _cpu_seconds() -> float:
 def _cell_result(
     spec: CellSpec, conversation: Scenario, settings: dict[str, Any], load_s: float, rss_after_load: int,
     prompt_ids: list[int], repetitions: list[Repetition], cached_first_token_s: float | None,
+    resident: dict[str, int | None],
 ) -> dict[str, Any]:  # fmt: skip
     logical = psutil.cpu_count(logical=True) or 1
     cores = summarise([r.cpu_cores for r in repetitions])
@@ -213,6 +215,7 @@ def _cell_result(
         },
         "rss_after_load_bytes": rss_after_load,
         "peak_rss_bytes": peak_rss_bytes(),
+        **resident,
         "artifact_bytes": _artifact_size(Path(settings["artifact"])),
         "token_ids": repetitions[0].token_ids,
         "repeat": len(repetitions),
@@ -233,6 +236,25 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resident_memory() -> dict[str, int | None]:
+    """What the process holds in memory now, split by whether the kernel can take it back.
+
+    Both engines map their artifact from disk: those pages are file-backed and clean, so
+    under memory pressure the kernel drops them and reads them again when needed. The
+    private (anonymous) part is what the engine really needs of the machine's memory.
+    """
+    fields = {"RssAnon:": "rss_private_bytes", "RssFile:": "rss_file_backed_bytes"}
+    split: dict[str, int | None] = dict.fromkeys(fields.values())
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            name, _, value = line.partition("\t")
+            if name in fields:
+                split[fields[name]] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return split
 
 
 def _ids_digest(ids: list[int]) -> str:

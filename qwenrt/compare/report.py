@@ -53,8 +53,15 @@ METRICS = [
     Metric("CPU, % of its threads", _cpu("percent_of_threads"), "{:.0f}", None),
     Metric("CPU, % of machine", _cpu("percent_of_machine"), "{:.0f}", None),
     Metric("peak memory (MB)", lambda c: c["peak_rss_bytes"] / 1e6, "{:.0f}", False),
+    Metric("in use after the run: private (MB)", lambda c: _megabytes(c.get("rss_private_bytes")), "{:.0f}", False),
+    Metric("in use after the run: file-backed (MB)", lambda c: _megabytes(c.get("rss_file_backed_bytes")), "{:.0f}",
+           None),
     Metric("artifact on disk (MB)", lambda c: c["artifact_bytes"] / 1e6, "{:.0f}", False),
 ]  # fmt: skip
+
+
+def _megabytes(value: int | None) -> float | None:
+    return None if value is None else value / 1e6
 
 
 def cell_label(cell: dict[str, Any]) -> str:

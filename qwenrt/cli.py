@@ -356,7 +356,7 @@ def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, cont
           api_key: str | None, model_name: str | None, prefix_cache: bool, no_access_log: bool) -> None:  # fmt: skip
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions), streaming.
 
-    Stops cleanly on SIGTERM or Ctrl-C: answers in flight get a few seconds to finish.
+    Stops cleanly on SIGTERM or Ctrl-C: answers in flight get up to 10 s to finish.
     """
     from qwenrt.runtimes import EngineOptions, engine_class, open_engine
     from qwenrt.serve.app import ServerLimits

@@ -367,12 +367,12 @@ def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, cont
     if not is_loopback(host) and not api_key:
         click.echo(f"qwenrt: warning: listening on {host} without --api-key: anyone who can reach it can use it",
                    err=True)  # fmt: skip
-    # Bind before loading the model: a taken port is reported at once, not after the load.
-    sock = listen(host, port)
     options = EngineOptions(threads=threads, pin=pin, context_length=context_length, parallel=parallel,
                             prefix_cache=prefix_cache)  # fmt: skip
     limits = ServerLimits(max_body_bytes=max_body_bytes, max_tokens=max_tokens_limit, max_queue=max_queue,
                           api_key=api_key)  # fmt: skip
+    # Bind before loading the model: a taken port is reported at once, not after the load.
+    sock = listen(host, port)
     try:
         engine = open_engine(runtime, model_dir, options)
     except BaseException:

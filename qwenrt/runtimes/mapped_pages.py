@@ -1,0 +1,108 @@
+"""Hand back to the kernel the resident pages of a mapped weights file that nothing reads any more.
+
+OpenVINO's CPU plugin maps the IR's ``.bin`` and, on the first inference, copies every
+weight into its own blocked layout; from then on it computes on the copies and reads the
+mapping only for token-embedding rows. The pages read for the copy stay in the process's
+resident set all the same: 590 MB of the demo model's 654 MB IR beside the 671 MB of
+copies, a 2.0x peak (BENCHMARKS.md, "What the resident memory is made of").
+
+``madvise(MADV_DONTNEED)`` on a read-only shared file mapping drops those pages from the
+process without losing anything: the data stays in the file and the page cache, and a
+page read again is mapped back on access (a minor fault). Only such mappings are touched:
+on a private or writable mapping the same call could throw away data that exists nowhere
+else. Off Linux, where ``/proc/self/maps`` does not exist, every function here does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+MADV_DONTNEED = 4  # <sys/mman.h>, Linux
+TRIM_INTERVAL_S = 0.02
+
+_madvise = None
+
+
+def shared_read_only_mappings(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps ``path`` read-only and shared."""
+    target = os.path.realpath(path)
+    ranges = []
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        # fields: address range, permissions (e.g. "r--s"), offset, device, inode, path
+        if len(fields) == 6 and fields[5] == target and fields[1][1] == "-" and fields[1][3] == "s":
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def release(path: Path) -> int:
+    """Drop this process's resident pages of ``path``'s read-only shared mappings.
+
+    Returns how many bytes of mappings were advised (0 when there are none).
+    """
+    global _madvise
+    ranges = shared_read_only_mappings(path)
+    if not ranges:
+        return 0
+    if _madvise is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise.restype = ctypes.c_int
+        _madvise = libc.madvise
+    advised = 0
+    for start, end in ranges:
+        # A mapping unmapped since /proc was read fails with ENOMEM; nothing to release there.
+        if _madvise(start, end - start, MADV_DONTNEED) == 0:
+            advised += end - start
+    return advised
+
+
+def resident_bytes(path: Path) -> int:
+    """This process's resident pages of every mapping of ``path`` (from /proc/self/smaps)."""
+    target = os.path.realpath(path)
+    total, inside = 0, False
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if fields and not fields[0].endswith(":"):  # a mapping's header line, as in /proc/self/maps
+            inside = len(fields) == 6 and fields[5] == target
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@contextlib.contextmanager
+def released_while_running(path: Path, interval_s: float = TRIM_INTERVAL_S) -> Iterator[None]:
+    """Keep releasing ``path``'s pages every ``interval_s`` during the block, and once after it.
+
+    For a block that reads the whole file once (OpenVINO's first inference): without it,
+    every page read would stay resident until the block ends, and the peak would hold the
+    file and the engine's copy of it at once.
+    """
+    stop = threading.Event()
+
+    def trim() -> None:
+        while not stop.wait(interval_s):
+            release(path)
+
+    trimmer = threading.Thread(target=trim, name="qwenrt-page-trimmer", daemon=True)
+    trimmer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        trimmer.join()
+        release(path)

@@ -71,7 +71,7 @@ class OpenVINOEngine(Engine):
         try:
             # The plugin copies every weight into its own layout at LLMPipeline's first inference:
             # done here, not in the user's first answer, and the IR's pages read for the copy are
-            # handed back as it goes (peak 1.3 GB -> 0.76 GB on the demo model, BENCHMARKS.md).
+            # handed back as it goes (peak 1.3 GB -> 0.8 GB on the demo model, BENCHMARKS.md).
             # ContinuousBatchingPipeline copies while it compiles, holding the GIL, so the
             # trimming thread cannot run: there the pages go back only once it returns.
             with mapped_pages.released_while_running(path / "openvino_model.bin"):

@@ -8,6 +8,7 @@ which must hold none of its IR file once it is open, and still answer the same.
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 from pathlib import Path
 
@@ -21,7 +22,9 @@ SIZE = 8 * 1024 * 1024
 @pytest.fixture
 def weights_file(tmp_path: Path) -> Path:
     path = tmp_path / "weights.bin"
-    path.write_bytes(bytes(range(256)) * (SIZE // 256))
+    with path.open("wb") as file:
+        file.write(bytes(range(256)) * (SIZE // 256))
+        os.fsync(file.fileno())  # clean pages: the kernel reclaims dirty ones only after writing them back
     return path
 
 

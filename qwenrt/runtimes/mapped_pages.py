@@ -6,11 +6,14 @@ mapping only for token-embedding rows. The pages read for the copy stay in the p
 resident set all the same: 590 MB of the demo model's 654 MB IR beside the 671 MB of
 copies, a 2.0x peak (BENCHMARKS.md, "What the resident memory is made of").
 
-``madvise(MADV_DONTNEED)`` on a read-only shared file mapping drops those pages from the
-process without losing anything: the data stays in the file and the page cache, and a
-page read again is mapped back on access (a minor fault). Only such mappings are touched:
-on a private or writable mapping the same call could throw away data that exists nowhere
-else. Off Linux, where ``/proc/self/maps`` does not exist, every function here does nothing.
+``madvise(MADV_PAGEOUT)`` on those pages reclaims them without losing anything: the
+data stays in the file (the kernel may keep it in the page cache), and a page read again
+is mapped back on access. PAGEOUT rather than DONTNEED because it never discards data,
+whatever the range holds: if the engine unmapped the file and something else were mapped
+at the same address between reading /proc/self/maps and the call, DONTNEED would zero that
+memory, while PAGEOUT would at most swap it out. Only read-only shared mappings of the
+file are advised all the same. Off Linux (no /proc/self/maps), or before Linux 5.4 (no
+MADV_PAGEOUT), nothing is released and the engines run as they would without it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-MADV_DONTNEED = 4  # <sys/mman.h>, Linux
+MADV_PAGEOUT = 21  # <sys/mman.h>, Linux 5.4 and later
 TRIM_INTERVAL_S = 0.02
 
 _madvise = None
@@ -62,7 +65,7 @@ def release(path: Path) -> int:
     advised = 0
     for start, end in ranges:
         # A mapping unmapped since /proc was read fails with ENOMEM; nothing to release there.
-        if _madvise(start, end - start, MADV_DONTNEED) == 0:
+        if _madvise(start, end - start, MADV_PAGEOUT) == 0:
             advised += end - start
     return advised
 

@@ -17,6 +17,10 @@ import pytest
 from qwenrt.runtimes import EngineOptions, GenerationConfig, TokenEvent, mapped_pages, open_engine
 
 SIZE = 8 * 1024 * 1024
+# What a release may leave: pages faulted in a moment before it (often by another thread, on
+# another CPU) still wait in that CPU's LRU batch, where MADV_PAGEOUT cannot take them yet
+# (20-80 KB seen on the demo model).
+PAGES_IN_FLIGHT = 1024 * 1024
 
 
 @pytest.fixture
@@ -38,7 +42,7 @@ def test_release_drops_a_read_only_mapping_and_the_data_reads_back_the_same(weig
         assert mapped_pages.resident_bytes(weights_file) == SIZE
 
         assert mapped_pages.release(weights_file) == SIZE
-        assert mapped_pages.resident_bytes(weights_file) == 0
+        assert mapped_pages.resident_bytes(weights_file) < PAGES_IN_FLIGHT
 
         assert touch_every_page(view) == checksum
         assert view[:SIZE] == weights_file.read_bytes()
@@ -67,16 +71,17 @@ def test_pages_read_during_the_block_are_given_back_while_it_runs(weights_file: 
         with mapped_pages.released_while_running(weights_file, interval_s=0.005):
             touch_every_page(view)
             threading.Event().wait(0.1)  # the block still runs, reading nothing
-            assert mapped_pages.resident_bytes(weights_file) == 0
+            assert mapped_pages.resident_bytes(weights_file) < PAGES_IN_FLIGHT
             touch_every_page(view)
-        assert mapped_pages.resident_bytes(weights_file) == 0
+        assert mapped_pages.resident_bytes(weights_file) < PAGES_IN_FLIGHT
 
 
 @pytest.mark.parametrize("parallel", [1, 2], ids=["LLMPipeline", "ContinuousBatchingPipeline"])
-def test_openvino_holds_none_of_its_weights_file_once_open(tiny_model: Path, parallel: int) -> None:
+def test_openvino_answers_as_genai_does_after_giving_back_its_weights_pages(tiny_model: Path, parallel: int) -> None:
     """The engine warms up while it opens (the plugin copies the weights at its first
     inference) and gives the IR's pages back, and its answer is still GenAI's own on a
-    pipeline that kept them. (What generating reads back is measured on the demo model.)"""
+    pipeline that kept them. (The tiny IR is 26 pages, as few as may be in flight, so
+    what stays resident is measured on the demo model.)"""
     import numpy as np
     import openvino as ov
     import openvino_genai as ov_genai
@@ -85,7 +90,6 @@ def test_openvino_holds_none_of_its_weights_file_once_open(tiny_model: Path, par
     with open_engine("openvino", tiny_model, options) as engine:
         weights = engine.path / "openvino_model.bin"
         assert mapped_pages.shared_read_only_mappings(weights), "the plugin no longer maps the IR"
-        assert mapped_pages.resident_bytes(weights) == 0
         prompt_ids = engine.chat_prompt_ids([{"role": "user", "content": "hi"}])
         events = engine.stream(prompt_ids, GenerationConfig(max_tokens=12, ignore_eos=True))
         answer = [event.token_id for event in events if isinstance(event, TokenEvent) and event.token_id >= 0]
@@ -102,11 +106,12 @@ def test_openvino_holds_none_of_its_weights_file_once_open(tiny_model: Path, par
 
 @pytest.mark.real_weights
 def test_openvino_reads_back_only_embedding_rows_of_the_demo_weights(demo_model: Path) -> None:
-    """After warming up, the plugin computes on its own copies of the weights; of the mapped
-    IR, a generation reads only the token-embedding rows of the tokens it sees."""
+    """The engine opens holding next to nothing of its 654 MB IR; after that, the plugin
+    computes on its own copies of the weights, and of the mapped IR a generation reads
+    only the token-embedding rows of the tokens it sees."""
     with open_engine("openvino", demo_model, EngineOptions(threads=2, prefix_cache=False)) as engine:
         weights = engine.path / "openvino_model.bin"
-        assert mapped_pages.resident_bytes(weights) == 0
+        assert mapped_pages.resident_bytes(weights) < PAGES_IN_FLIGHT
         config = GenerationConfig(max_tokens=64, ignore_eos=True)
         for _ in engine.stream_chat([{"role": "user", "content": "Write a Python quicksort function"}], config):
             pass

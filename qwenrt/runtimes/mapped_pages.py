@@ -12,7 +12,9 @@ is mapped back on access. PAGEOUT rather than DONTNEED because it never discards
 whatever the range holds: if the engine unmapped the file and something else were mapped
 at the same address between reading /proc/self/maps and the call, DONTNEED would zero that
 memory, while PAGEOUT would at most swap it out. Only read-only shared mappings of the
-file are advised all the same. Off Linux (no /proc/self/maps), or before Linux 5.4 (no
+file are advised all the same. PAGEOUT is best effort: a page faulted in a moment ago may
+still wait in a CPU's LRU batch, where the kernel cannot take it yet, so a few pages (tens
+of KB, in tests) can stay resident until the next release. Off Linux (no /proc/self/maps), or before Linux 5.4 (no
 MADV_PAGEOUT), nothing is released and the engines run as they would without it.
 """
 

@@ -92,7 +92,9 @@ def run_cell(spec: CellSpec, progress: Callable[[str], None] = lambda _: None) -
         for index in range(spec.repeat):
             progress(f"repetition {index + 1}/{spec.repeat}")
             repetitions.append(measure(engine, prompt_ids, previous_ids, config, spec.batch))
-        resident = resident_memory()
+        # Taken before the cached-first-token measurement opens a second engine: the freed heap
+        # of this one (50 MB for llama.cpp, which glibc keeps) would otherwise count in its peak.
+        resident = resident_memory() | {"peak_rss_bytes": peak_rss_bytes()}
         settings = engine.settings()
     cached_first_token_s = None if second_turn or spec.batch > 1 else _cached_first_token(spec, prompt_ids, config)
     return _cell_result(spec, conversation, settings, load_s, rss_after_load, prompt_ids, repetitions,
@@ -186,6 +188,7 @@ def _cell_result(
     prompt_ids: list[int], repetitions: list[Repetition], cached_first_token_s: float | None,
     resident: dict[str, int | None],
 ) -> dict[str, Any]:  # fmt: skip
+    """The cell's figures; ``resident`` holds the memory readings, the peak among them."""
     logical = psutil.cpu_count(logical=True) or 1
     cores = summarise([r.cpu_cores for r in repetitions])
     per_core = [sum(r.per_core_busy[i] for r in repetitions) / len(repetitions) for i in range(logical)]
@@ -214,7 +217,6 @@ def _cell_result(
             "per_core_busy_percent": per_core,
         },
         "rss_after_load_bytes": rss_after_load,
-        "peak_rss_bytes": peak_rss_bytes(),
         **resident,
         "artifact_bytes": _artifact_size(Path(settings["artifact"])),
         "token_ids": repetitions[0].token_ids,

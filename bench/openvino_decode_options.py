@@ -1,0 +1,106 @@
+"""Two more ways tried to bring OpenVINO's decode closer to the memory-bandwidth ceiling:
+BENCHMARKS.md's "OpenVINO decode options" table, bench/openvino_decode_options.json.
+
+- GenAI's SDPA attention backend (a stateful model with its own KV cache) instead of the
+  paged attention qwenrt opens LLMPipeline with;
+- huge pages for the plugin's weight copies: glibc's ``glibc.malloc.hugetlb=1`` tunable
+  asks for transparent huge pages on what malloc maps, where this kernel gives them only
+  on request (``transparent_hugepage=madvise``). A decode step streams 500 MB of weights;
+  with 4 KB pages that is 120,000 TLB entries a token.
+
+Each variant runs in a fresh process through qwenrt's streaming path: the short chat
+prompt of `qwenrt compare`, 2 threads, prefix cache off, 128 new tokens, 1 warm-up and
+the median of 5; variants interleaved over 3 rounds, since this host's speed drifts.
+
+    python bench/openvino_decode_options.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from qwenrt.paths import default_model_dir
+
+HERE = Path(__file__).parent
+VARIANTS: dict[str, dict[str, Any]] = {
+    "qwenrt's defaults (paged attention)": {"properties": {}, "env": {}},
+    "ATTENTION_BACKEND=SDPA": {"properties": {"ATTENTION_BACKEND": "SDPA"}, "env": {}},
+    "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)": {
+        "properties": {},
+        "env": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+    },
+}
+ROUNDS, WARMUP, REPEAT, NEW_TOKENS = 3, 1, 5, 128
+
+
+def anon_huge_pages_mb() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def measure(properties: dict[str, Any]) -> dict[str, Any]:
+    import openvino_genai as ov_genai
+
+    from qwenrt.compare.scenarios import scenario
+    from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, open_engine
+
+    pipeline = ov_genai.LLMPipeline
+
+    def with_properties(*args: Any, **given: Any) -> Any:
+        if properties.get("ATTENTION_BACKEND") == "SDPA":
+            given.pop("scheduler_config", None)  # a scheduler configuration selects paged attention
+        return pipeline(*args, **{**given, **properties})
+
+    ov_genai.LLMPipeline = with_properties  # the engine looks the class up when it opens
+    with open_engine("openvino", default_model_dir(), EngineOptions(threads=2, prefix_cache=False)) as engine:
+        ids = engine.chat_prompt_ids(scenario("short").messages)
+        config = GenerationConfig(max_tokens=NEW_TOKENS, ignore_eos=True)
+        ends = []
+        for index in range(WARMUP + REPEAT):
+            end = [event for event in engine.stream(ids, config) if isinstance(event, StreamEnd)][0]
+            if index >= WARMUP:
+                ends.append(end)
+        huge = anon_huge_pages_mb()
+    return {
+        "first_token_ms_median": round(statistics.median(end.first_token_latency * 1000 for end in ends), 1),
+        "decode_tokens_per_second": round(statistics.median(end.decode_tokens_per_second for end in ends), 1),
+        "anon_huge_pages_mb": huge,
+    }
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--one":
+        print(json.dumps(measure(json.loads(sys.argv[2]))))
+        return
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    for round_index in range(ROUNDS):
+        for name, variant in VARIANTS.items():
+            command = [sys.executable, __file__, "--one", json.dumps(variant["properties"])]
+            run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **variant["env"]})
+            if run.returncode != 0:
+                raise SystemExit(f"{name}: {run.stderr.strip().splitlines()[-1]}")
+            runs[name].append(json.loads(run.stdout.strip().splitlines()[-1]))
+            print(f"round {round_index + 1}, {name}: {runs[name][-1]}", file=sys.stderr)
+    rows = [
+        {
+            "variant": name,
+            **VARIANTS[name],
+            "decode_tokens_per_second_median": statistics.median(r["decode_tokens_per_second"] for r in results),
+            "first_token_ms_median": statistics.median(r["first_token_ms_median"] for r in results),
+            "runs": results,
+        }
+        for name, results in runs.items()
+    ]
+    (HERE / "openvino_decode_options.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

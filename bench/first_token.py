@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qwenrt.paths import default_model_dir
+from openvino_settings import engine_with, short_prompt_ends
 
 HERE = Path(__file__).parent
 SETTINGS: list[dict[str, Any]] = [
@@ -31,28 +31,11 @@ WARMUP, REPEAT, NEW_TOKENS = 3, 9, 32
 
 
 def measure(extra: dict[str, Any]) -> dict[str, float]:
-    import openvino_genai as ov_genai
-
-    from qwenrt.compare.scenarios import scenario
-    from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, open_engine
-
-    pipeline = ov_genai.LLMPipeline
-
-    def with_extra(*args: Any, **properties: Any) -> Any:
-        return pipeline(*args, **{**properties, **extra})
-
-    ov_genai.LLMPipeline = with_extra  # the engine looks the class up when it opens
-    with open_engine("openvino", default_model_dir(), EngineOptions(threads=2, prefix_cache=False)) as engine:
-        ids = engine.chat_prompt_ids(scenario("short").messages)
-        config = GenerationConfig(max_tokens=NEW_TOKENS, ignore_eos=True)
-        ends = []
-        for index in range(WARMUP + REPEAT):
-            end = [event for event in engine.stream(ids, config) if isinstance(event, StreamEnd)][0]
-            if index >= WARMUP:
-                ends.append(end)
+    with engine_with(extra) as engine:
+        prompt_tokens, ends = short_prompt_ends(engine, NEW_TOKENS, WARMUP, REPEAT)
     firsts = [end.first_token_latency * 1000 for end in ends]
     return {
-        "prompt_tokens": len(ids),
+        "prompt_tokens": prompt_tokens,
         "first_token_ms_median": round(statistics.median(firsts), 1),
         "first_token_ms_min": round(min(firsts), 1),
         "decode_tokens_per_second": round(statistics.median(end.decode_tokens_per_second for end in ends), 1),

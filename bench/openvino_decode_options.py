@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qwenrt.paths import default_model_dir
+from openvino_settings import engine_with, short_prompt_ends
 
 HERE = Path(__file__).parent
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -47,27 +47,8 @@ def anon_huge_pages_mb() -> int:
 
 
 def measure(properties: dict[str, Any]) -> dict[str, Any]:
-    import openvino_genai as ov_genai
-
-    from qwenrt.compare.scenarios import scenario
-    from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, open_engine
-
-    pipeline = ov_genai.LLMPipeline
-
-    def with_properties(*args: Any, **given: Any) -> Any:
-        if properties.get("ATTENTION_BACKEND") == "SDPA":
-            given.pop("scheduler_config", None)  # a scheduler configuration selects paged attention
-        return pipeline(*args, **{**given, **properties})
-
-    ov_genai.LLMPipeline = with_properties  # the engine looks the class up when it opens
-    with open_engine("openvino", default_model_dir(), EngineOptions(threads=2, prefix_cache=False)) as engine:
-        ids = engine.chat_prompt_ids(scenario("short").messages)
-        config = GenerationConfig(max_tokens=NEW_TOKENS, ignore_eos=True)
-        ends = []
-        for index in range(WARMUP + REPEAT):
-            end = [event for event in engine.stream(ids, config) if isinstance(event, StreamEnd)][0]
-            if index >= WARMUP:
-                ends.append(end)
+    with engine_with(properties) as engine:
+        _, ends = short_prompt_ends(engine, NEW_TOKENS, WARMUP, REPEAT)
         huge = anon_huge_pages_mb()
     return {
         "first_token_ms_median": round(statistics.median(end.first_token_latency * 1000 for end in ends), 1),

@@ -1,0 +1,48 @@
+"""qwenrt's OpenVINO engine with properties added to its own, for the bench scripts that
+try OpenVINO settings one fresh process at a time (first_token.py,
+openvino_decode_options.py)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def engine_with(properties: dict[str, Any]) -> Iterator[Any]:
+    """The demo model's OpenVINO engine (2 threads, prefix cache off), opened with
+    ``properties`` added to qwenrt's."""
+    import openvino_genai as ov_genai
+
+    from qwenrt.paths import default_model_dir
+    from qwenrt.runtimes import EngineOptions, open_engine
+
+    pipeline = ov_genai.LLMPipeline
+
+    def with_properties(*args: Any, **given: Any) -> Any:
+        if properties.get("ATTENTION_BACKEND") == "SDPA":
+            given.pop("scheduler_config", None)  # a scheduler configuration selects paged attention
+        return pipeline(*args, **{**given, **properties})
+
+    ov_genai.LLMPipeline = with_properties  # the engine looks the class up when it opens
+    try:
+        with open_engine("openvino", default_model_dir(), EngineOptions(threads=2, prefix_cache=False)) as engine:
+            yield engine
+    finally:
+        ov_genai.LLMPipeline = pipeline
+
+
+def short_prompt_ends(engine: Any, new_tokens: int, warmup: int, repeat: int) -> tuple[int, list[Any]]:
+    """Prompt length and the ``StreamEnd`` of each measured generation of the short chat prompt."""
+    from qwenrt.compare.scenarios import scenario
+    from qwenrt.runtimes import GenerationConfig, StreamEnd
+
+    ids = engine.chat_prompt_ids(scenario("short").messages)
+    config = GenerationConfig(max_tokens=new_tokens, ignore_eos=True)
+    ends = []
+    for index in range(warmup + repeat):
+        end = [event for event in engine.stream(ids, config) if isinstance(event, StreamEnd)][0]
+        if index >= warmup:
+            ends.append(end)
+    return len(ids), ends

@@ -14,8 +14,9 @@ at the same address between reading /proc/self/maps and the call, DONTNEED would
 memory, while PAGEOUT would at most swap it out. Only read-only shared mappings of the
 file are advised all the same. PAGEOUT is best effort: a page faulted in a moment ago may
 still wait in a CPU's LRU batch, where the kernel cannot take it yet, so a few pages (tens
-of KB, in tests) can stay resident until the next release. Off Linux (no /proc/self/maps), or before Linux 5.4 (no
-MADV_PAGEOUT), nothing is released and the engines run as they would without it.
+of KB, in tests) can stay resident until the next release. Off Linux (no /proc/self/maps),
+or before Linux 5.4 (no MADV_PAGEOUT), nothing is released and the engines run as they
+would without it.
 """
 
 from __future__ import annotations

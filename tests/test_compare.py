@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -68,6 +69,34 @@ def test_every_cell_measured_and_json_matches_schema(comparison: tuple[dict, Pat
         assert cell["rss_private_bytes"] > 0 and cell["rss_file_backed_bytes"] > 0
         assert cell["rss_private_bytes"] + cell["rss_file_backed_bytes"] <= cell["peak_rss_bytes"]
         assert cell["artifact_bytes"] > 0
+
+
+# Run in a fresh process, whose peak starts afresh: the cell's own, then a second engine's
+# stand-in (300 MB written, so resident) where the cached first token is measured.
+PEAK_PROBE = """
+import json, sys
+from qwenrt.compare import measure
+
+def second_engine(*args):
+    held = b"\\x01" * (300 * 2**20)
+    return float(len(held) > 0)
+
+measure._cached_first_token = second_engine
+cell = measure.run_cell(measure.CellSpec(runtime=sys.argv[1], model_dir=sys.argv[2], threads=1, max_tokens=8,
+                                         repeat=1, warmup=0))
+print(json.dumps({"cell_peak": cell["peak_rss_bytes"], "process_peak": measure.peak_rss_bytes()}))
+"""
+
+
+@pytest.mark.parametrize("runtime", ["gguf", "openvino"])
+def test_a_cells_peak_memory_leaves_out_what_the_cached_first_token_opens(tiny_model: Path, runtime: str) -> None:
+    """The cached first token is measured on a second engine, opened in the same process
+    after the cell's own is closed; what that one holds is not the cell's engine's peak."""
+    run = subprocess.run([sys.executable, "-c", PEAK_PROBE, runtime, str(tiny_model)], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    peaks = json.loads(run.stdout.strip().splitlines()[-1])
+    assert peaks["process_peak"] - peaks["cell_peak"] > 250 * 2**20
 
 
 def test_cells_run_in_separate_processes(comparison: tuple[dict, Path]) -> None:

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from qwenrt.compare.ceiling import decode_bytes_per_token
 from qwenrt.compare.measure import CellSpec
 from qwenrt.compare.runner import environment, run_comparison
-from qwenrt.manifest import GGUF_KEY, OPENVINO_KEY, artifact_files
 from qwenrt.paths import default_model_dir
 from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, open_engine
 from qwenrt.runtimes.threads import physical_cores
@@ -128,37 +128,6 @@ def memory_bandwidth(threads: int, size_mb: int = 512, repeat: int = 5) -> float
     return best
 
 
-def bytes_per_token(model_dir: Path) -> dict[str, int]:
-    """Weight bytes a decode step reads: every weight but the token embedding (a row lookup)."""
-    import gguf
-    import openvino as ov
-
-    reader = gguf.GGUFReader(artifact_files(model_dir, GGUF_KEY)[0])
-    gguf_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
-    embedding_elements = next(int(np.prod(t.shape)) for t in reader.tensors if t.name == "token_embd.weight")
-    ir = artifact_files(model_dir, OPENVINO_KEY)[0]
-    model = ov.Core().read_model(ir / "openvino_model.xml")
-    constants = [op for op in model.get_ops() if op.get_type_name() == "Constant"]
-    ov_total = sum(op.get_byte_size() for op in constants)
-    # The IR's embedding is the INT8 constant of the embedding's shape that feeds a Gather.
-    embedding = sum(
-        op.get_byte_size() for op in constants
-        if int(np.prod(op.get_output_shape(0))) == embedding_elements and _feeds_gather(op)
-    )  # fmt: skip
-    return {"gguf": gguf_bytes, "openvino": ov_total - embedding}
-
-
-def _feeds_gather(op: Any, depth: int = 6) -> bool:
-    # The INT8 embedding reaches its Gather through Convert, Subtract, Multiply and Convert.
-    if depth == 0:
-        return False
-    for target in op.output(0).get_target_inputs():
-        node = target.get_node()
-        if node.get_type_name() == "Gather" or _feeds_gather(node, depth - 1):
-            return True
-    return False
-
-
 # --- 3. scaling, prefill, memory -------------------------------------------------------
 def prompt_of(tokens: int, model_dir: Path) -> str:
     """User text whose chat prompt is close to ``tokens`` tokens."""
@@ -199,7 +168,7 @@ def main() -> None:
     overhead = adapter_overhead(args.model, threads, args.tokens, args.repeat)
     log("memory bandwidth")
     bandwidth = memory_bandwidth(threads)
-    weights = bytes_per_token(args.model)
+    weights = decode_bytes_per_token(args.model)
     comparison = cells(args.model, args)
     decode = {
         c["runtime"]: c["decode_tps"]["median"]

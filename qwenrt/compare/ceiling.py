@@ -9,6 +9,7 @@ projection, read whole at every step, and counts.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,15 @@ def gguf_bytes_per_token(path: Path) -> int:
 def ir_bytes_per_token(ir_dir: Path) -> int:
     import openvino as ov
 
+    config = json.loads((ir_dir / "config.json").read_text())
+    embedding_shape = [config["vocab_size"], config["hidden_size"]]
     model = ov.Core().read_model(ir_dir / "openvino_model.xml")
     constants = [op for op in model.get_ops() if op.get_type_name() == "Constant"]
-    # The embedding is the largest constant that reaches a Gather; untied, nothing else reads it.
-    looked_up = [op for op in constants if _reaches(op, "Gather")]
-    embedding = max(looked_up, key=lambda op: op.get_byte_size(), default=None)
     total = sum(op.get_byte_size() for op in constants)
+    # The embedding's weights: the constant of its shape that a Gather looks rows up in
+    # (a position table may reach a Gather too). Untied, nothing else reads it.
+    embedding = next((op for op in constants
+                      if list(op.get_output_shape(0)) == embedding_shape and _reaches(op, "Gather")), None)  # fmt: skip
     if embedding is None or _reaches(embedding, "MatMul"):
         return total
     return total - embedding.get_byte_size()

@@ -260,8 +260,9 @@ def test_openvino_ir_has_int8_weights_tokenizer_irs_and_opens_in_genai(
         assert (ir / name).is_file(), name
     types = weight_types(ir / "openvino_model.xml")
     assert set(types) <= {"u8", "i8"}, f"weights that are not 8-bit: {types}"
-    # Tied embeddings: the output layer reads the embedding matrix, no matrix of its own.
-    assert sum(types.values()) == LINEAR_PER_BLOCK * checkpoint_config["num_hidden_layers"] + 1
+    # Tied embeddings: the output layer reads the embedding matrix, no matrix of its own;
+    # q, k and v are one fused matrix (tests/test_fused_projections.py).
+    assert sum(types.values()) == (LINEAR_PER_BLOCK - 2) * checkpoint_config["num_hidden_layers"] + 1
     assert read_manifest(tiny_model)["artifacts"][OPENVINO_KEY]["weight_types"] == types
 
     pipe = openvino_genai.LLMPipeline(str(ir), "CPU")
@@ -574,7 +575,7 @@ def test_demo_conversion_end_to_end(demo_model: Path) -> None:
 
     types = weight_types(demo_model / OPENVINO_DIR / "openvino_model.xml")
     assert set(types) <= {"u8", "i8"}, f"weights that are not 8-bit: {types}"
-    assert sum(types.values()) == LINEAR_PER_BLOCK * n_layers + 2
+    assert sum(types.values()) == (LINEAR_PER_BLOCK - 2) * n_layers + 2  # q, k and v fused into one
 
 
 @pytest.mark.real_weights

@@ -1,8 +1,9 @@
 """Export a Qwen2 checkpoint to an OpenVINO IR with INT8 weights and tokenizer IRs.
 
 optimum-intel does the export (a stateful model: the KV cache lives inside the
-IR), nncf compresses the weights, and openvino-tokenizers writes the tokenizer and
-detokenizer IRs that openvino-genai needs beside the model.
+IR), nncf compresses the weights, qwenrt fuses each layer's q, k and v projections
+(fused_projections.py), and openvino-tokenizers writes the tokenizer and detokenizer
+IRs that openvino-genai needs beside the model.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwenrt.convert.checkpoint import Checkpoint
+from qwenrt.convert.fused_projections import FUSED_ATTENTION, fuse_projections
 from qwenrt.errors import SourceError, WriteError
 
 MODEL_XML = "openvino_model.xml"
@@ -36,8 +38,20 @@ class Int8Scheme:
         return f"int8 {'sym' if self.symmetric else 'asym'} per-channel"
 
 
-def export_openvino_int8(checkpoint: Checkpoint, out_dir: Path, scheme: Int8Scheme = Int8Scheme()) -> dict[str, int]:
-    """Write the IR and tokenizer IRs into ``out_dir``; returns weight element types with counts."""
+@dataclass(frozen=True)
+class OpenVINOExport:
+    weight_types: dict[str, int]  # element types of the weight matrices, with counts
+    fused_projections: dict[str, int]  # the fused projection's name: layers where it was fused
+
+
+def export_openvino_int8(
+    checkpoint: Checkpoint, out_dir: Path, scheme: Int8Scheme = Int8Scheme(), *, fuse_qkv: bool = True
+) -> OpenVINOExport:
+    """Write the IR and tokenizer IRs into ``out_dir``.
+
+    ``fuse_qkv=False`` keeps optimum-intel's graph as it is, for the benchmark that
+    measures the fusion.
+    """
     import openvino as ov
     from openvino_tokenizers import convert_tokenizer
     from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
@@ -48,6 +62,7 @@ def export_openvino_int8(checkpoint: Checkpoint, out_dir: Path, scheme: Int8Sche
         model = OVModelForCausalLM.from_pretrained(
             checkpoint.path, export=True, compile=False, quantization_config=quantization, local_files_only=True
         )
+        fused = {FUSED_ATTENTION: fuse_projections(model.model)} if fuse_qkv else {}
         model.save_pretrained(out_dir)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
         tokenizer.save_pretrained(out_dir)
@@ -74,7 +89,7 @@ def export_openvino_int8(checkpoint: Checkpoint, out_dir: Path, scheme: Int8Sche
     missing = [name for name in REQUIRED_FILES if not (out_dir / name).is_file()]
     if missing:
         raise SourceError(f"OpenVINO export did not write {', '.join(missing)}")
-    return weight_types(out_dir / MODEL_XML)
+    return OpenVINOExport(weight_types(out_dir / MODEL_XML), fused)
 
 
 def weight_types(model_xml: Path) -> dict[str, int]:

@@ -27,6 +27,7 @@ from typing import Any
 from qwenrt import __version__
 from qwenrt.convert.checkpoint import Checkpoint
 from qwenrt.convert.demo import sha256_of
+from qwenrt.convert.fused_projections import FUSED_ATTENTION
 from qwenrt.convert.gguf_writer import write_gguf
 from qwenrt.convert.openvino_int8 import Int8Scheme, export_openvino_int8
 from qwenrt.convert.sources import ResolvedSource, resolve_source, source_reference
@@ -88,7 +89,13 @@ def convert(
     manifest = read_manifest(out_dir)
     if manifest.get("source", {}).get("reference") != source_reference(source):
         manifest = {}  # another source's artifacts are replaced, never reused
-    todo = [key for key in formats if force or not _is_complete(out_dir, manifest, key)]
+    todo = []
+    for key in formats:
+        if force or not _is_complete(out_dir, manifest, key):
+            todo.append(key)
+        elif reason := _outdated(manifest["artifacts"][key], key, scheme):
+            log(f"{key}: converting again, since {reason}")
+            todo.append(key)
     results = [
         ArtifactResult(key, out_dir / manifest["artifacts"][key]["path"], skipped=True)
         for key in formats
@@ -214,8 +221,10 @@ def _build(
     else:
         log(f"openvino: exporting with {scheme.describe()} weights …")
         target.mkdir()
-        types = export_openvino_int8(checkpoint, target, scheme)
-        extra = {"format": "openvino-ir", "quantization": scheme.describe(), "symmetric": scheme.symmetric}
+        export = export_openvino_int8(checkpoint, target, scheme)
+        types = export.weight_types
+        extra = {"format": "openvino-ir", "quantization": scheme.describe(), "symmetric": scheme.symmetric,
+                 "fused_projections": export.fused_projections}  # fmt: skip
     seconds = time.perf_counter() - started
     files = _file_entries(staging, target)
     record = {"path": name, **extra, "weight_types": types, "files": files, "seconds": round(seconds, 1),
@@ -223,6 +232,17 @@ def _build(
     size = sum(entry["size"] for entry in files)
     log(f"{key}: {name} written, {size / 1e6:.0f} MB in {seconds:.1f} s, weights {types}")
     return ArtifactResult(key, target, False, seconds, size, types), record
+
+
+def _outdated(record: dict[str, Any], key: str, scheme: Int8Scheme) -> str | None:
+    """Why a complete artifact differs from what this conversion would write, if it does."""
+    if key != OPENVINO_KEY:
+        return None
+    if record.get("quantization") != scheme.describe():
+        return f"its weights are {record.get('quantization')} and {scheme.describe()} were asked for"
+    if FUSED_ATTENTION not in record.get("fused_projections", {}):
+        return "it was written before qwenrt fused the q, k and v projections (faster decode)"
+    return None
 
 
 def _file_entries(root: Path, target: Path) -> list[dict[str, Any]]:

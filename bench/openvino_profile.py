@@ -39,6 +39,7 @@ def weight_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
     kv = config["num_key_value_heads"] * hidden // config["num_attention_heads"]
     return {
         "q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
+        "qkv_proj": (hidden + 2 * kv, hidden),  # q, k and v as qwenrt's conversion fuses them
         "gate_proj": (inner, hidden), "up_proj": (inner, hidden), "down_proj": (hidden, inner),
         "lm_head": (config["vocab_size"], hidden),
     }  # fmt: skip

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 
 @contextlib.contextmanager
-def engine_with(properties: dict[str, Any]) -> Iterator[Any]:
-    """The demo model's OpenVINO engine (2 threads, prefix cache off), opened with
-    ``properties`` added to qwenrt's."""
+def engine_with(properties: dict[str, Any], model_dir: Path | None = None) -> Iterator[Any]:
+    """The OpenVINO engine of ``model_dir``, else of the demo model (2 threads, prefix
+    cache off), opened with ``properties`` added to qwenrt's."""
     import openvino_genai as ov_genai
 
     from qwenrt.paths import default_model_dir
@@ -27,7 +28,8 @@ def engine_with(properties: dict[str, Any]) -> Iterator[Any]:
 
     ov_genai.LLMPipeline = with_properties  # the engine looks the class up when it opens
     try:
-        with open_engine("openvino", default_model_dir(), EngineOptions(threads=2, prefix_cache=False)) as engine:
+        options = EngineOptions(threads=2, prefix_cache=False)
+        with open_engine("openvino", model_dir or default_model_dir(), options) as engine:
             yield engine
     finally:
         ov_genai.LLMPipeline = pipeline

@@ -18,14 +18,12 @@ the median of 5; variants interleaved over 3 rounds, since this host's speed dri
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from openvino_settings import engine_with, short_prompt_ends
+from openvino_settings import end_medians, engine_with, interleaved_rounds, short_prompt_ends
 
 HERE = Path(__file__).parent
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -50,26 +48,16 @@ def measure(properties: dict[str, Any]) -> dict[str, Any]:
     with engine_with(properties) as engine:
         _, ends = short_prompt_ends(engine, NEW_TOKENS, WARMUP, REPEAT)
         huge = anon_huge_pages_mb()
-    return {
-        "first_token_ms_median": round(statistics.median(end.first_token_latency * 1000 for end in ends), 1),
-        "decode_tokens_per_second": round(statistics.median(end.decode_tokens_per_second for end in ends), 1),
-        "anon_huge_pages_mb": huge,
-    }
+    return {**end_medians(ends), "anon_huge_pages_mb": huge}
 
 
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--one":
         print(json.dumps(measure(json.loads(sys.argv[2]))))
         return
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
-    for round_index in range(ROUNDS):
-        for name, variant in VARIANTS.items():
-            command = [sys.executable, __file__, "--one", json.dumps(variant["properties"])]
-            run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **variant["env"]})
-            if run.returncode != 0:
-                raise SystemExit(f"{name}: {run.stderr.strip().splitlines()[-1]}")
-            runs[name].append(json.loads(run.stdout.strip().splitlines()[-1]))
-            print(f"round {round_index + 1}, {name}: {runs[name][-1]}", file=sys.stderr)
+    commands = {name: ([__file__, "--one", json.dumps(variant["properties"])], variant["env"])
+                for name, variant in VARIANTS.items()}  # fmt: skip
+    runs = interleaved_rounds(commands, ROUNDS)
     rows = [
         {
             "variant": name,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,7 @@ def build(unfused: Path, target: Path, groups: list[tuple[tuple[str, ...], str]]
 
 
 def measure(ir_dir: Path, properties: dict[str, Any]) -> dict[str, Any]:
-    from openvino_settings import engine_with, short_prompt_ends
+    from openvino_settings import end_medians, engine_with, short_prompt_ends
 
     from qwenrt.compare.scenarios import scenario
     from qwenrt.runtimes import GenerationConfig, TokenEvent
@@ -72,17 +71,15 @@ def measure(ir_dir: Path, properties: dict[str, Any]) -> dict[str, Any]:
         ids = engine.chat_prompt_ids(scenario("short").messages)
         greedy = engine.stream(ids, GenerationConfig(max_tokens=NEW_TOKENS, ignore_eos=True))
         tokens = [event.token_id for event in greedy if isinstance(event, TokenEvent) and event.token_id >= 0]
-    return {
-        "first_token_ms_median": round(statistics.median(end.first_token_latency * 1000 for end in ends), 1),
-        "decode_tokens_per_second": round(statistics.median(end.decode_tokens_per_second for end in ends), 1),
-        "tokens": tokens,
-    }
+    return {**end_medians(ends), "tokens": tokens}
 
 
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--one":
         print(json.dumps(measure(Path(sys.argv[2]), json.loads(sys.argv[3]))))
         return
+    from openvino_settings import interleaved_rounds
+
     from qwenrt.convert.checkpoint import Checkpoint
     from qwenrt.convert.openvino_int8 import export_openvino_int8
     from qwenrt.paths import cache_root, default_model_dir
@@ -100,16 +97,9 @@ def main() -> None:
         print(f"building {name}: layers fused {build(folders['unfused'], folders[name], groups)}", file=sys.stderr)
     variants = {(folder, precision): (folders[folder], properties)
                 for precision, properties in PRECISIONS.items() for folder in folders}  # fmt: skip
-    runs: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in variants}
-    for round_index in range(ROUNDS):
-        for key, (ir_dir, properties) in variants.items():
-            command = [sys.executable, __file__, "--one", str(ir_dir), json.dumps(properties)]
-            run = subprocess.run(command, capture_output=True, text=True)
-            if run.returncode != 0:
-                raise SystemExit(f"{key}: {run.stderr.strip().splitlines()[-1]}")
-            runs[key].append(json.loads(run.stdout.strip().splitlines()[-1]))
-            shown = {name: value for name, value in runs[key][-1].items() if name != "tokens"}
-            print(f"round {round_index + 1}, {key}: {shown}", file=sys.stderr)
+    commands = {key: ([__file__, "--one", str(ir_dir), json.dumps(properties)], {})
+                for key, (ir_dir, properties) in variants.items()}  # fmt: skip
+    runs = interleaved_rounds(commands, ROUNDS)
     rows = []
     for (folder, precision), results in runs.items():
         tokens, reference = results[0]["tokens"], runs[("unfused", precision)][0]["tokens"]

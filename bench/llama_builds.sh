@@ -2,10 +2,11 @@
 # llama-cpp-python built with other flags, against the package's default build (native
 # AVX-512/VNNI, OpenMP), for llama.cpp's prefill: results in bench/llama_builds.md.
 #
-#   bash bench/llama_builds.sh          # about 12 minutes of builds, then 3 interleaved rounds
+#   bash bench/llama_builds.sh          # about 17 minutes of builds, then 3 interleaved rounds
 #
 # Variants: "mkl" (GGML_BLAS with Intel MKL from PyPI: prompts go to MKL's sgemm on weights
-# dequantised to float32) and "no-openmp" (ggml's own thread pool instead of libgomp).
+# dequantised to float32), "no-openmp" (ggml's own thread pool instead of libgomp) and
+# "no-llamafile" (without llamafile's tinyBLAS kernels, which ggml uses for prompt batches).
 # Each gets its own venv under $OUT; the project's .venv is the baseline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,11 +43,13 @@ build mkl "-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=Intel10_64lp -DBLAS_INCLUDE_DIRS=$O
 -DBLAS_mkl_core_LIBRARY=$(mkl_lib mkl_core) -DBLAS_iomp5_LIBRARY=$lib/libiomp5.so"
 make_venv no-openmp
 build no-openmp "-DGGML_OPENMP=OFF"
+make_venv no-llamafile
+build no-llamafile "-DGGML_LLAMAFILE=OFF"
 
 declare -A PYTHON=([baseline]=$REPO/.venv/bin/python [mkl]=$OUT/venv-mkl/bin/python
-                   [no-openmp]=$OUT/venv-no-openmp/bin/python)
+                   [no-openmp]=$OUT/venv-no-openmp/bin/python [no-llamafile]=$OUT/venv-no-llamafile/bin/python)
 for round in 1 2 3; do
-  for variant in baseline mkl no-openmp; do
+  for variant in baseline mkl no-openmp no-llamafile; do
     row=$(PYTHONPATH=$REPO "${PYTHON[$variant]}" bench/tune_engines.py --model "$MODEL" --one llama "{}")
     echo "| $round | $variant ${row#| llama }"
   done

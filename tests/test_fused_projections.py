@@ -103,6 +103,41 @@ def test_projections_without_int8_weights_are_left_as_they_are() -> None:
     assert sorted(op.get_friendly_name() for op in model.get_ops()) == before
 
 
+def compressed_projection(hidden, name: str, rows: int, weight_type: type, seed: int):
+    """A MatMul over INT8 weights in nncf's form: Convert(Multiply(Convert(w) [- Convert(zp)], scale))."""
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(seed)
+    weight = ops.convert(ops.constant(rng.integers(0, 127, (rows, 8)).astype(weight_type)), ov.Type.f16)
+    if weight_type is np.uint8:
+        zero_point = ops.constant(rng.integers(60, 68, (rows, 1)).astype(np.uint8))
+        weight = ops.subtract(weight, ops.convert(zero_point, ov.Type.f16))
+    scale = ops.constant(rng.uniform(0.01, 0.02, (rows, 1)).astype(np.float16))
+    weight = ops.convert(ops.multiply(weight, scale), ov.Type.f32)
+    return ops.matmul(hidden, weight, False, True, name=f"layers.0.self_attn.{name}/MatMul")
+
+
+@pytest.mark.parametrize("weight_types", [(np.uint8,) * 3, (np.int8,) * 3, (np.uint8, np.int8, np.int8)])
+def test_only_projections_of_one_int8_layout_are_stacked(weight_types: tuple[type, ...]) -> None:
+    import openvino.opset13 as ops
+
+    hidden = ops.parameter([1, 4, 8], np.float32, name="hidden")
+    outputs = [compressed_projection(hidden, name, rows, weight_type, seed)
+               for seed, (name, rows, weight_type) in enumerate(zip(ATTENTION_PROJECTIONS, (8, 2, 2), weight_types,
+                                                                     strict=True))]  # fmt: skip
+    model = ov.Model([ops.result(output) for output in outputs], [hidden])
+    inputs = np.random.default_rng(9).standard_normal((1, 4, 8)).astype(np.float32)
+    expected = ov.Core().compile_model(model.clone(), "CPU", F32)(inputs)
+
+    mixed = len(set(weight_types)) > 1
+    assert fuse_projections(model) == (0 if mixed else 1)
+    matmuls = [op for op in model.get_ops() if op.get_type_name() == "MatMul"]
+    assert len(matmuls) == (3 if mixed else 1)
+    fused = ov.Core().compile_model(model, "CPU", F32)(inputs)
+    for index in range(len(outputs)):
+        np.testing.assert_allclose(fused[index], expected[index], rtol=1e-6, atol=1e-6)
+
+
 def test_the_unfused_ir_is_fused_when_the_model_is_converted_again(
     tiny_model: Path, tiny_checkpoint: Path, tmp_path: Path, layers: int
 ) -> None:

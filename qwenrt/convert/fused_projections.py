@@ -71,6 +71,13 @@ def _compressed_weight(matmul: Any) -> dict[str, Any] | None:
     }  # fmt: skip
 
 
+def _layout(part: dict[str, Any]) -> tuple[Any, ...]:
+    """What must be alike for weights to be stacked: the element types, and whether a zero point is there."""
+    zero_point = part["zero_point"]
+    return (part["weight"].dtype, part["scale"].dtype, None if zero_point is None else zero_point.dtype,
+            str(part["compute_type"]), str(part["output_type"]))  # fmt: skip
+
+
 def _bias(matmul: Any) -> tuple[Any, np.ndarray] | None:
     """The Add of a constant bias that is the MatMul's only consumer, and the bias."""
     consumers = [target.get_node() for target in matmul.output(0).get_target_inputs()]
@@ -84,11 +91,8 @@ def _fuse(members: list[Any], parts: list[dict[str, Any]], fused_name: str, name
     import openvino.opset13 as ops
 
     first = parts[0]
-    if any(part["zero_point"] is None for part in parts) != (first["zero_point"] is None):
-        return False
-    if any((part["compute_type"], part["output_type"]) != (first["compute_type"], first["output_type"])
-           for part in parts):  # fmt: skip
-        return False
+    if len({_layout(part) for part in parts}) != 1:
+        return False  # stacking weights of other element types would convert them
     found = [_bias(member) for member in members]
     biases = [bias for bias in found if bias is not None]
     if biases and len(biases) != len(members):

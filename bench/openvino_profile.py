@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from run import memory_bandwidth
 
+from qwenrt.compare.ceiling import memory_bandwidth
 from qwenrt.compare.scenarios import scenario
 from qwenrt.paths import default_model_dir
 from qwenrt.runtimes.ovgenai import DYNAMIC_QUANTIZATION_GROUP_SIZE

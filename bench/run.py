@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from qwenrt.compare.ceiling import decode_bytes_per_token
 from qwenrt.compare.measure import CellSpec
 from qwenrt.compare.runner import environment, run_comparison
 from qwenrt.paths import default_model_dir
@@ -107,27 +105,6 @@ def _openvino_native(engine: Any, ids: list[int], tokens: int) -> tuple[float, f
     return metrics.get_ttft().mean / 1000, 1000 / metrics.get_tpot().mean
 
 
-# --- 2. the ceiling -------------------------------------------------------------------
-def memory_bandwidth(threads: int, size_mb: int = 512, repeat: int = 5) -> float:
-    """Read bandwidth in bytes/s: ``threads`` threads each taking the max of their share of an array.
-
-    np.max streams memory at full speed; np.sum's pairwise summation is compute-bound and
-    read 30 % less here.
-    """
-    data = np.ones(size_mb * 2**20, dtype=np.int8)
-    parts = np.array_split(data, threads)
-    best = 0.0
-    for _ in range(repeat):
-        workers = [threading.Thread(target=np.max, args=(part,)) for part in parts]
-        started = time.perf_counter()
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        best = max(best, data.nbytes / (time.perf_counter() - started))
-    return best
-
-
 # --- 3. scaling, prefill, memory -------------------------------------------------------
 def prompt_of(tokens: int, model_dir: Path) -> str:
     """User text whose chat prompt is close to ``tokens`` tokens."""
@@ -166,23 +143,19 @@ def main() -> None:
     threads = physical_cores()
 
     overhead = adapter_overhead(args.model, threads, args.tokens, args.repeat)
-    log("memory bandwidth")
-    bandwidth = memory_bandwidth(threads)
-    weights = decode_bytes_per_token(args.model)
     comparison = cells(args.model, args)
-    decode = {
-        c["runtime"]: c["decode_tps"]["median"]
-        for c in comparison["cells"]
-        if c["status"] == "ok" and c["scenario"] == "short" and c["threads"] == threads
-    }
+    short = {c["runtime"]: c for c in comparison["cells"]
+             if c["status"] == "ok" and c["scenario"] == "short" and c["threads"] == threads}  # fmt: skip
+    # compare measures the bandwidth once its cells are done and gives each cell its ceiling.
+    bandwidth = comparison["memory_bandwidth_bytes_per_s"][str(threads)]
     ceiling = {
         name: {
-            "bytes_per_token": weights[name],
-            "ceiling_tps": bandwidth / weights[name],
-            "decode_tps": decode.get(name),
-            "share_of_ceiling": decode[name] / (bandwidth / weights[name]) if name in decode else None,
+            "bytes_per_token": cell["decode_ceiling"]["bytes_per_token"],
+            "ceiling_tps": cell["decode_ceiling"]["ceiling_tps"],
+            "decode_tps": cell["decode_tps"]["median"],
+            "share_of_ceiling": cell["decode_ceiling"]["share"],
         }
-        for name in ("gguf", "openvino")
+        for name, cell in short.items()
     }
     results = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

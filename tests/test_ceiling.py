@@ -12,7 +12,7 @@ import openvino as ov
 import pytest
 from tiny_model import build_tiny_qwen2
 
-from qwenrt.compare.ceiling import decode_bytes_per_token
+from qwenrt.compare.ceiling import decode_bytes_per_token, memory_bandwidth
 from qwenrt.manifest import GGUF_KEY, OPENVINO_KEY, artifact_files
 
 
@@ -52,3 +52,9 @@ def test_an_untied_embedding_is_only_looked_up(untied_model: Path) -> None:
     assert read["gguf"] == sum(tensors.values()) - tensors["token_embd.weight"]
     # The IR's embedding is INT8: one byte an element.
     assert read["openvino"] == ir_constant_bytes(untied_model) - embedding_elements(untied_model)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_memory_bandwidth_is_a_plausible_reading(threads: int) -> None:
+    # Any machine reads more than 100 MB/s and less than 10 TB/s; the figure itself is make bench's.
+    assert 1e8 < memory_bandwidth(threads, size_mb=64, repeat=2) < 1e13

@@ -15,6 +15,7 @@ from conftest import QWENRT
 from tiny_model import build_tiny_qwen2
 
 from qwenrt.compare import report
+from qwenrt.compare.ceiling import decode_bytes_per_token
 from qwenrt.compare.runner import agreement
 from qwenrt.compare.stats import percentile, summarise
 from qwenrt.runtimes.threads import physical_cores
@@ -69,6 +70,22 @@ def test_every_cell_measured_and_json_matches_schema(comparison: tuple[dict, Pat
         assert cell["rss_private_bytes"] > 0 and cell["rss_file_backed_bytes"] > 0
         assert cell["rss_private_bytes"] + cell["rss_file_backed_bytes"] <= cell["peak_rss_bytes"]
         assert cell["artifact_bytes"] > 0
+
+
+def test_each_cell_is_set_against_its_bandwidth_ceiling(comparison: tuple[dict, Path], small_model: Path) -> None:
+    data, _ = comparison
+    read = decode_bytes_per_token(small_model)
+    assert set(data["memory_bandwidth_bytes_per_s"]) == {"1", "2"}
+    for cell in ok_cells(data):
+        ceiling = cell["decode_ceiling"]
+        bandwidth = data["memory_bandwidth_bytes_per_s"][str(cell["threads"])]
+        assert ceiling["bytes_per_token"] == read[cell["runtime"]]
+        assert ceiling["memory_bandwidth_bytes_per_s"] == bandwidth
+        assert ceiling["ceiling_tps"] == pytest.approx(bandwidth / read[cell["runtime"]])
+        assert ceiling["share"] == pytest.approx(cell["decode_tps"]["median"] / ceiling["ceiling_tps"])
+    text = report.render_terminal(data)
+    assert "decode, % of its ceiling" in text and "memory read bandwidth" in text
+    assert "decode, % of its ceiling" in (comparison[1] / "r.md").read_text()
 
 
 # Run in a fresh process, whose peak starts afresh: the cell's own, then a second engine's
@@ -244,6 +261,9 @@ def test_ladder_reproduces_the_write_ups_steps(small_model: Path, tmp_path: Path
     assert cells[1]["settings"]["artifact"].endswith("-f16.gguf")
     assert cells[3]["settings"]["artifact"].endswith("-q8_0.gguf")
     assert cells[5]["batch"] == 2 and cells[5]["generated_tokens"] == 48
+    # A ceiling where the bytes a token reads are known: not for transformers, nor for a
+    # batch, which reads the weights once for two sequences.
+    assert ["decode_ceiling" in cell for cell in cells] == [False, True, True, True, True, False]
     # "Its default threads" are llama-cpp-python's, half the logical CPUs; the next step sets the cores.
     logical = psutil.cpu_count(logical=True)
     assert cells[1]["settings"]["threads"] == max(1, logical // 2)

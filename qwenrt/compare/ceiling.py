@@ -1,17 +1,23 @@
-"""How many weight bytes one decoded token must read from each artifact.
+"""The memory-bandwidth ceiling of decode: how many weight bytes one decoded token must
+read from each artifact, and how fast this machine reads memory.
 
 Decode is memory-bound: every step streams the weights once, so memory bandwidth ÷ these
-bytes is the speed no engine can pass (the ceiling `make bench` reports against). A step
-reads every weight except the token embedding, of which it looks up one row; but when
-the embedding is tied (Qwen2.5-0.5B-Instruct's is), the same matrix is also the output
-projection, read whole at every step, and counts.
+bytes is the speed no engine can pass (the ceiling `compare` and `make bench` report
+against). A step reads every weight except the token embedding, of which it looks up one
+row; but when the embedding is tied (Qwen2.5-0.5B-Instruct's is), the same matrix is also
+the output projection, read whole at every step, and counts.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from qwenrt.manifest import GGUF_KEY, OPENVINO_KEY, artifact_files
 
@@ -61,3 +67,53 @@ def _reaches(op: Any, type_name: str, depth: int = DECOMPRESSION_DEPTH) -> bool:
         if node.get_type_name() == type_name or _reaches(node, type_name, depth - 1):
             return True
     return False
+
+
+# The engines whose artifacts the ceiling can be counted for, by runtime name.
+BYTES_PER_TOKEN: dict[str, Callable[[Path], int]] = {"gguf": gguf_bytes_per_token, "openvino": ir_bytes_per_token}
+
+
+def memory_bandwidth(threads: int, size_mb: int = 512, repeat: int = 5) -> float:
+    """Read bandwidth in bytes/s: ``threads`` threads each taking the max of their share of
+    an array far larger than the caches, best of ``repeat``.
+
+    np.max streams memory at full speed (it releases the GIL, so the threads run at once);
+    np.sum's pairwise summation is compute-bound and read 30 % less here.
+    """
+    data = np.ones(size_mb * 2**20, dtype=np.int8)
+    parts = np.array_split(data, threads)
+    best = 0.0
+    for _ in range(repeat):
+        workers = [threading.Thread(target=np.max, args=(part,)) for part in parts]
+        started = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        best = max(best, data.nbytes / (time.perf_counter() - started))
+    return best
+
+
+def add_decode_ceilings(cells: list[dict[str, Any]]) -> dict[str, float]:
+    """Give each measured single-sequence cell its ``decode_ceiling``: the bandwidth at its
+    thread count ÷ the bytes its artifact reads a token, and its decode's share of that.
+
+    Engines without a byte count (transformers) and batched cells, which read the weights
+    once for several sequences, are left without. Returns the bandwidth by thread count.
+    """
+    counted = [cell for cell in cells if cell["status"] == "ok" and cell["runtime"] in BYTES_PER_TOKEN
+               and cell.get("batch", 1) == 1 and cell.get("decode_tps")]  # fmt: skip
+    bandwidth = {threads: memory_bandwidth(threads) for threads in sorted({cell["threads"] for cell in counted})}
+    weights: dict[tuple[str, str], int] = {}
+    for cell in counted:
+        key = (cell["runtime"], cell["settings"]["artifact"])
+        if key not in weights:
+            weights[key] = BYTES_PER_TOKEN[key[0]](Path(key[1]))
+        ceiling = bandwidth[cell["threads"]] / weights[key]
+        cell["decode_ceiling"] = {
+            "bytes_per_token": weights[key],
+            "memory_bandwidth_bytes_per_s": bandwidth[cell["threads"]],
+            "ceiling_tps": ceiling,
+            "share": cell["decode_tps"]["median"] / ceiling,
+        }
+    return {str(threads): value for threads, value in bandwidth.items()}

@@ -46,6 +46,8 @@ METRICS = [
            "{:.0f}", None),
     Metric("prefill (tok/s)", _stat("prefill_tps"), "{:.0f}", True, _stat("prefill_tps", "stdev")),
     Metric("decode (tok/s)", _stat("decode_tps"), "{:.1f}", True, _stat("decode_tps", "stdev")),
+    Metric("decode ceiling, memory-bound (tok/s)", lambda c: _ceiling(c, "ceiling_tps"), "{:.1f}", None),
+    Metric("decode, % of its ceiling", lambda c: _ceiling(c, "share", 100), "{:.0f}", True),
     Metric("inter-token, median (ms)", _stat("inter_token_ms"), "{:.1f}", False),
     Metric("inter-token, p90 (ms)", _stat("inter_token_ms", "p90"), "{:.1f}", False),
     Metric("end to end (s)", _stat("end_to_end_s"), "{:.2f}", False),
@@ -58,6 +60,11 @@ METRICS = [
            None),
     Metric("artifact on disk (MB)", lambda c: c["artifact_bytes"] / 1e6, "{:.0f}", False),
 ]  # fmt: skip
+
+
+def _ceiling(cell: dict[str, Any], key: str, scale: float = 1.0) -> float | None:
+    ceiling = cell.get("decode_ceiling")
+    return None if not ceiling else ceiling[key] * scale
 
 
 def _megabytes(value: int | None) -> float | None:
@@ -173,6 +180,19 @@ def render_ladder(report: dict[str, Any], tablefmt: str) -> str:
     return head + "\n" + tabulate(ladder_rows(report), headers=LADDER_HEADERS, tablefmt=tablefmt)
 
 
+def bandwidth_line(report: dict[str, Any]) -> str | None:
+    """The measured memory bandwidth behind the decode ceilings, in words."""
+    bandwidth = report.get("memory_bandwidth_bytes_per_s")
+    if not bandwidth:
+        return None
+    measured = ", ".join(f"{value / 1e9:.1f} GB/s with {threads} thread{'s' if threads != '1' else ''}"
+                         for threads, value in bandwidth.items())  # fmt: skip
+    return (
+        f"memory read bandwidth {measured}; a decode ceiling is that bandwidth ÷ the weight bytes "
+        "the engine's artifact reads a token"
+    )
+
+
 def render_terminal(report: dict[str, Any]) -> str:
     ok = [c for c in report["cells"] if c["status"] == "ok"]
     out = []
@@ -186,7 +206,8 @@ def render_terminal(report: dict[str, Any]) -> str:
         out += ["", scenario_line(cells[0])]
         out.append(tabulate(table_rows(cells), headers=["metric"] + [cell_label(c) for c in cells], tablefmt="simple"))
     if ok:
-        out += [""] + verdicts(report)
+        line = bandwidth_line(report)
+        out += [""] + ([line] if line else []) + verdicts(report)
     for cell in report["cells"]:
         if cell["status"] != "ok":
             out.append(f"FAILED {cell_label(cell)}: {cell['error']}")
@@ -228,7 +249,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(tabulate(table_rows(cells, mark=" **◀**"), headers=["metric"] + [cell_label(c) for c in cells],
                               tablefmt="github"))  # fmt: skip
         lines.append("")
-    lines += [f"- {line}" for line in verdicts(report)]
+    line = bandwidth_line(report)
+    lines += [f"- {line}" for line in ([line] if line else []) + verdicts(report)]
     lines += [f"- FAILED {cell_label(c)}: {c['error']}" for c in report["cells"] if c["status"] != "ok"]
     return "\n".join(lines) + "\n"
 

@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from qwenrt import __version__
+from qwenrt.compare.ceiling import add_decode_ceilings
 from qwenrt.compare.measure import CellSpec
 from qwenrt.manifest import read_manifest
 from qwenrt.runtimes.threads import physical_cores
@@ -53,6 +54,10 @@ def run_comparison(
         except KeyboardInterrupt:
             interrupted = True
             break
+    bandwidth: dict[str, float] = {}
+    if cells and not interrupted:
+        progress("memory read bandwidth, for the decode ceiling")
+        bandwidth = add_decode_ceilings(cells)
     return {
         "schema": SCHEMA,
         "kind": kind,
@@ -62,6 +67,7 @@ def run_comparison(
         "environment": environment(Path(specs[0].model_dir)) if specs else {},
         "settings": {k: v for k, v in asdict(specs[0]).items() if k not in ("runtime", "threads")} if specs else {},
         "cells": cells,
+        "memory_bandwidth_bytes_per_s": bandwidth,  # by thread count
         "agreement": agreement(cells),
     }
 

@@ -7,6 +7,12 @@ process (peak memory is the process's own): a prompt of N tokens, then 64 greedy
 best prefill of 3; rounds interleave the settings so that a busy moment hits all alike.
 
     python bench/llama_ubatch.py            # -> bench/llama_ubatch.json
+    python bench/llama_ubatch.py --long     # -> bench/llama_ubatch_long.json
+
+``--long`` measures through qwenrt's own engine and `compare`'s cell instead of a bare
+loop (qwenrt's peak is lower: it samples in its own code), at 1024, 2048 and 3500 prompt
+tokens, 16 new tokens, 1 warm-up and 2 repetitions, where the attention scores of a
+micro-batch against a long context make up most of llama.cpp's growth in memory.
 """
 
 from __future__ import annotations
@@ -49,24 +55,58 @@ def cell(model: Path, n_ubatch: int, prompt_tokens: int) -> dict:
             "peak_rss_bytes": peak_rss_bytes(), "artifact_bytes": path.stat().st_size}  # fmt: skip
 
 
+LONG_UBATCHES = (256, 128, 64)
+LONG_PROMPTS = (1024, 2048, 3500)
+
+
+def long_prompt_file(prompt_tokens: int) -> Path:
+    from qwenrt.paths import cache_root
+
+    return cache_root() / "bench" / f"prompt-{prompt_tokens}.txt"
+
+
+def qwenrt_cell(model: Path, n_ubatch: int, prompt_tokens: int) -> dict:
+    from qwenrt.compare.measure import CellSpec, run_cell
+    from qwenrt.runtimes import llamacpp
+
+    # Written by the parent: making it here would open an engine and raise this process's peak.
+    prompt = long_prompt_file(prompt_tokens).read_text()
+    llamacpp.N_UBATCH = n_ubatch  # read when the engine opens
+    cell = run_cell(CellSpec(runtime="gguf", model_dir=str(model), threads=THREADS, scenario=f"prompt-{prompt_tokens}",
+                             prompt=prompt, max_tokens=16, repeat=2, warmup=1))  # fmt: skip
+    assert cell["settings"]["n_ubatch"] == n_ubatch
+    return {"n_ubatch": n_ubatch, "prompt_tokens": cell["prompt_tokens"], "prefill_tps": cell["prefill_tps"]["median"],
+            "peak_rss_bytes": cell["peak_rss_bytes"], "artifact_bytes": cell["artifact_bytes"]}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=default_model_dir())
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
+    parser.add_argument("--long", action="store_true", help="long prompts, through qwenrt's engine")
     parser.add_argument("--cell", nargs=2, type=int, metavar=("N_UBATCH", "PROMPT_TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
-        print(json.dumps(cell(args.model, *args.cell)))
+        print(json.dumps((qwenrt_cell if args.long else cell)(args.model, *args.cell)))
         return
+    ubatches, prompts = (LONG_UBATCHES, LONG_PROMPTS) if args.long else (UBATCHES, PROMPTS)
+    if args.long:
+        from run import prompt_of
+
+        for prompt_tokens in prompts:
+            long_prompt_file(prompt_tokens).parent.mkdir(parents=True, exist_ok=True)
+            long_prompt_file(prompt_tokens).write_text(prompt_of(prompt_tokens, args.model))
+    if args.long and args.out == parser.get_default("out"):
+        args.out = args.out.with_name("llama_ubatch_long.json")
     runs = []
     for round_index in range(args.rounds):
-        for prompt_tokens in PROMPTS:
-            for n_ubatch in UBATCHES:
+        for prompt_tokens in prompts:
+            for n_ubatch in ubatches:
                 command = [sys.executable, __file__, "--model", str(args.model), "--cell", str(n_ubatch),
-                           str(prompt_tokens)]  # fmt: skip
+                           str(prompt_tokens), *(["--long"] if args.long else [])]  # fmt: skip
                 result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
-                runs.append({"round": round_index, **result})
+                runs.append({"round": round_index, "prompt_tokens_asked": prompt_tokens, **result})
                 peak_mb = result["peak_rss_bytes"] / 1e6
                 print(f"round {round_index + 1}: n_ubatch {n_ubatch:4}, {prompt_tokens:5} prompt tokens: "
                       f"{result['prefill_tps']:6.1f} tok/s, peak {peak_mb:5.0f} MB", flush=True)  # fmt: skip
@@ -75,8 +115,8 @@ def main() -> None:
          "prefill_tps_median": statistics.median(r["prefill_tps"] for r in same),
          "peak_rss_bytes_max": max(r["peak_rss_bytes"] for r in same),
          "peak_over_artifact": max(r["peak_rss_bytes"] / r["artifact_bytes"] for r in same)}
-        for prompt_tokens in PROMPTS for n_ubatch in UBATCHES
-        if (same := [r for r in runs if r["n_ubatch"] == n_ubatch and r["prompt_tokens"] == prompt_tokens])
+        for prompt_tokens in prompts for n_ubatch in ubatches
+        if (same := [r for r in runs if r["n_ubatch"] == n_ubatch and r["prompt_tokens_asked"] == prompt_tokens])
     ]  # fmt: skip
     args.out.write_text(json.dumps({"threads": THREADS, "context": CONTEXT, "new_tokens": NEW_TOKENS,
                                     "summary": summary, "runs": runs}, indent=1) + "\n")  # fmt: skip

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from qwenrt.manifest import GGUF_KEY, OPENVINO_KEY, artifact_files
 
@@ -103,7 +104,10 @@ def add_decode_ceilings(cells: list[dict[str, Any]]) -> dict[str, float]:
     """
     counted = [cell for cell in cells if cell["status"] == "ok" and cell["runtime"] in BYTES_PER_TOKEN
                and cell.get("batch", 1) == 1 and cell.get("decode_tps")]  # fmt: skip
-    bandwidth = {threads: memory_bandwidth(threads) for threads in sorted({cell["threads"] for cell in counted})}
+    # 512 MB outruns any cache; on a box with little memory free, a quarter of what is free.
+    size_mb = max(64, min(512, psutil.virtual_memory().available // 4 // 2**20))
+    bandwidth = {threads: memory_bandwidth(threads, size_mb)
+                 for threads in sorted({cell["threads"] for cell in counted})}  # fmt: skip
     weights: dict[tuple[str, str], int] = {}
     for cell in counted:
         key = (cell["runtime"], cell["settings"]["artifact"])

@@ -26,10 +26,11 @@ from qwenrt.errors import ArtifactError
 from qwenrt.manifest import GGUF_KEY, trained_context_length
 from qwenrt.runtimes.base import DEFAULT_CONTEXT, Engine, EngineOptions, GenerationConfig
 
-# Prompts are computed 256 tokens at a time, not llama.cpp's 512: its compute buffer (the
-# attention scores of a micro-batch against the context) shrinks, 25 MB less at the peak of a
-# 1024-token prompt, and prefill was no slower at 128-1024 tokens (bench/llama_ubatch.json).
-N_UBATCH = 256
+# Prompts are computed 64 tokens at a time, not llama.cpp's 512: its compute buffer holds the
+# attention scores of a micro-batch against the context, which on long prompts decided whether
+# the peak stayed within 1.3x the GGUF: at 3,500 tokens 925 MB with 256, 860 MB with 64, for
+# 0-2 % of prefill (bench/llama_ubatch_long.json; shorter prompts in bench/llama_ubatch.json).
+N_UBATCH = 64
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "draw a seed at random" (llama_cpp.LLAMA_DEFAULT_SEED)
 T = TypeVar("T")
 

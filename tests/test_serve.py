@@ -561,9 +561,10 @@ def test_non_streaming_client_that_times_out_stops_its_generation(server: Server
 def test_client_that_leaves_the_queue_never_starts(server: Server) -> None:
     before = server.wait_for(lambda h: h["active"] == 0, "idle")
     places = before["parallel"]
-    # Enough work to keep every place busy for about 2 s, alone on llama.cpp or at some 500 tokens/s
-    # each in OpenVINO's batch of 4 (whose fillers start up to a few hundred ms apart).
-    fill_tokens = 1600 if places == 1 else 1000
+    # Enough work to keep every place busy for 2-4 s, alone on llama.cpp or at 500-1000 tokens/s
+    # each in OpenVINO's batch of 4 (whose fillers start up to a few hundred ms apart; with 1000
+    # tokens, a filler once ended before the test had left the queue).
+    fill_tokens = 1600 if places == 1 else 2000
     usages: list[dict[str, int]] = []
 
     def fill() -> None:

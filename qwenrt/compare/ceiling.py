@@ -95,19 +95,31 @@ def memory_bandwidth(threads: int, size_mb: int = 512, repeat: int = 5) -> float
     return best
 
 
-def add_decode_ceilings(cells: list[dict[str, Any]]) -> dict[str, float]:
-    """Give each measured single-sequence cell its ``decode_ceiling``: the bandwidth at its
-    thread count ÷ the bytes its artifact reads a token, and its decode's share of that.
-
-    Engines without a byte count (transformers) and batched cells, which read the weights
-    once for several sequences, are left without. Returns the bandwidth by thread count.
-    """
-    counted = [cell for cell in cells if cell["status"] == "ok" and cell["runtime"] in BYTES_PER_TOKEN
-               and cell.get("batch", 1) == 1 and cell.get("decode_tps")]  # fmt: skip
-    # 512 MB outruns any cache; on a box with little memory free, a quarter of what is free.
+def bandwidth_by_threads(thread_counts: set[int]) -> dict[int, float]:
+    """:func:`memory_bandwidth` at each thread count; 512 MB outruns any cache, and on a box
+    with little memory free a quarter of what is free is used instead."""
     size_mb = max(64, min(512, psutil.virtual_memory().available // 4 // 2**20))
-    bandwidth = {threads: memory_bandwidth(threads, size_mb)
-                 for threads in sorted({cell["threads"] for cell in counted})}  # fmt: skip
+    return {threads: memory_bandwidth(threads, size_mb) for threads in sorted(thread_counts)}
+
+
+def has_ceiling(runtime: str, batch: int) -> bool:
+    """Engines without a byte count (transformers) and batched cells, which read the weights
+    once for several sequences, get no ceiling."""
+    return runtime in BYTES_PER_TOKEN and batch == 1
+
+
+def add_decode_ceilings(cells: list[dict[str, Any]], earlier: dict[int, float] | None = None) -> dict[str, float]:
+    """Give each measured cell that :func:`has_ceiling` its ``decode_ceiling``: the bandwidth
+    at its thread count ÷ the bytes its artifact reads a token, and its decode's share of that.
+
+    The bandwidth is read now and compared with ``earlier`` readings (before the cells):
+    the higher is what the machine can give, since a busy moment only lowers a reading.
+    Returns the bandwidth by thread count.
+    """
+    counted = [cell for cell in cells if cell["status"] == "ok" and has_ceiling(cell["runtime"], cell.get("batch", 1))
+               and cell.get("decode_tps")]  # fmt: skip
+    now = bandwidth_by_threads({cell["threads"] for cell in counted})
+    bandwidth = {threads: max(value, (earlier or {}).get(threads, 0.0)) for threads, value in now.items()}
     weights: dict[tuple[str, str], int] = {}
     for cell in counted:
         key = (cell["runtime"], cell["settings"]["artifact"])

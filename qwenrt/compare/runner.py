@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from qwenrt import __version__
-from qwenrt.compare.ceiling import add_decode_ceilings
+from qwenrt.compare.ceiling import add_decode_ceilings, bandwidth_by_threads, has_ceiling
 from qwenrt.compare.measure import CellSpec
 from qwenrt.manifest import read_manifest
 from qwenrt.runtimes.threads import physical_cores
@@ -45,6 +45,11 @@ def run_comparison(
     ``kind`` tells a report how to lay the cells out: side by side, or as the ladder's steps."""
     cells: list[dict[str, Any]] = []
     interrupted = False
+    # Read before the cells as well as after: a busy moment on the machine only lowers a reading.
+    ceiling_threads = {spec.threads for spec in specs if has_ceiling(spec.runtime, spec.batch)}
+    if ceiling_threads:
+        progress("memory read bandwidth, for the decode ceiling")
+    before = bandwidth_by_threads(ceiling_threads)
     for index, spec in enumerate(specs, start=1):
         label = f"[{index}/{len(specs)}] " + (
             spec.label or f"{spec.runtime} × {spec.threads} thread{'s' if spec.threads > 1 else ''}"
@@ -57,7 +62,7 @@ def run_comparison(
     bandwidth: dict[str, float] = {}
     if cells and not interrupted:
         progress("memory read bandwidth, for the decode ceiling")
-        bandwidth = add_decode_ceilings(cells)
+        bandwidth = add_decode_ceilings(cells, before)
     return {
         "schema": SCHEMA,
         "kind": kind,

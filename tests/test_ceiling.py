@@ -12,7 +12,7 @@ import openvino as ov
 import pytest
 from tiny_model import build_tiny_qwen2
 
-from qwenrt.compare.ceiling import decode_bytes_per_token, memory_bandwidth
+from qwenrt.compare.ceiling import add_decode_ceilings, decode_bytes_per_token, memory_bandwidth
 from qwenrt.manifest import GGUF_KEY, OPENVINO_KEY, artifact_files
 
 
@@ -58,3 +58,17 @@ def test_an_untied_embedding_is_only_looked_up(untied_model: Path) -> None:
 def test_memory_bandwidth_is_a_plausible_reading(threads: int) -> None:
     # Any machine reads more than 100 MB/s and less than 10 TB/s; the figure itself is make bench's.
     assert 1e8 < memory_bandwidth(threads, size_mb=64, repeat=2) < 1e13
+
+
+def test_a_cell_whose_artifact_cannot_be_counted_loses_only_its_ceiling(tiny_model: Path, tmp_path: Path) -> None:
+    def cell(runtime: str, artifact: Path) -> dict:
+        return {"status": "ok", "runtime": runtime, "threads": 1, "batch": 1, "decode_tps": {"median": 10.0},
+                "settings": {"artifact": str(artifact)}}  # fmt: skip
+
+    odd_ir = tmp_path / "ir"  # an IR folder without the config.json the count needs
+    odd_ir.mkdir()
+    cells = [cell("gguf", artifact_files(tiny_model, GGUF_KEY)[0]), cell("openvino", odd_ir)]
+    bandwidth = add_decode_ceilings(cells)
+    assert set(bandwidth) == {"1"}
+    assert cells[0]["decode_ceiling"]["bytes_per_token"] == decode_bytes_per_token(tiny_model)["gguf"]
+    assert "decode_ceiling" not in cells[1]

@@ -120,11 +120,13 @@ def add_decode_ceilings(cells: list[dict[str, Any]], earlier: dict[int, float] |
                and cell.get("decode_tps")]  # fmt: skip
     now = bandwidth_by_threads({cell["threads"] for cell in counted})
     bandwidth = {threads: max(value, (earlier or {}).get(threads, 0.0)) for threads, value in now.items()}
-    weights: dict[tuple[str, str], int] = {}
+    weights: dict[tuple[str, str], int | None] = {}
     for cell in counted:
         key = (cell["runtime"], cell["settings"]["artifact"])
         if key not in weights:
-            weights[key] = BYTES_PER_TOKEN[key[0]](Path(key[1]))
+            weights[key] = _bytes_per_token(*key)
+        if weights[key] is None:
+            continue
         ceiling = bandwidth[cell["threads"]] / weights[key]
         cell["decode_ceiling"] = {
             "bytes_per_token": weights[key],
@@ -133,3 +135,12 @@ def add_decode_ceilings(cells: list[dict[str, Any]], earlier: dict[int, float] |
             "share": cell["decode_tps"]["median"] / ceiling,
         }
     return {str(threads): value for threads, value in bandwidth.items()}
+
+
+def _bytes_per_token(runtime: str, artifact: str) -> int | None:
+    # The cell ran, so the artifact loads; an odd one (an IR folder without its config.json,
+    # say) costs its cell the ceiling, not the whole comparison its results.
+    try:
+        return BYTES_PER_TOKEN[runtime](Path(artifact))
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None

@@ -62,7 +62,12 @@ def run_comparison(
     bandwidth: dict[str, float] = {}
     if cells and not interrupted:
         progress("memory read bandwidth, for the decode ceiling")
-        bandwidth = add_decode_ceilings(cells, before)
+        try:
+            bandwidth = add_decode_ceilings(cells, before)
+        except KeyboardInterrupt:
+            interrupted = True  # the cells keep their results, without ceilings
+            for cell in cells:
+                cell.pop("decode_ceiling", None)
     return {
         "schema": SCHEMA,
         "kind": kind,

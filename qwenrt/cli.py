@@ -146,6 +146,9 @@ def _model_dir(model: Path | None) -> Path:
     return path
 
 
+HUGE_PAGES_HELP = "Rebuild the loaded weights in 2 MB pages: a few % faster decode, about 1 s more to load."
+
+
 def _engine_options(command: Callable[..., None]) -> Callable[..., None]:
     """The options that open an engine, the same for every command that opens one."""
     options = [
@@ -153,6 +156,7 @@ def _engine_options(command: Callable[..., None]) -> Callable[..., None]:
                      help="Model folder [default: the user cache]."),
         click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores]."),
         click.option("--pin", is_flag=True, help="Pin the threads to physical cores."),
+        click.option("--huge-pages", is_flag=True, help=HUGE_PAGES_HELP),
         click.option("--context-length", type=int, default=None,
                      help="Context window in tokens [default: the model's trained context, at most 4096]."),
     ]  # fmt: skip
@@ -173,8 +177,8 @@ def _engine_options(command: Callable[..., None]) -> Callable[..., None]:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("-p", "--prompt", default=None, help="Answer this prompt and exit.")
 @click.option("--stats", is_flag=True, help="Show first-token latency and tokens/s after each answer.")
-def chat(runtime: str, model: Path | None, threads: int | None, pin: bool, context_length: int | None,
-         system: str | None, max_tokens: int,
+def chat(runtime: str, model: Path | None, threads: int | None, pin: bool, huge_pages: bool,
+         context_length: int | None, system: str | None, max_tokens: int,
          temperature: float, top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...],
          prompt: str | None, stats: bool) -> None:  # fmt: skip
     """Chat with the model, streaming; one-shot with -p or a piped prompt."""
@@ -183,7 +187,7 @@ def chat(runtime: str, model: Path | None, threads: int | None, pin: bool, conte
 
     config = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               seed=seed, stop=stop)  # fmt: skip
-    options = EngineOptions(threads=threads, pin=pin, context_length=context_length)
+    options = EngineOptions(threads=threads, pin=pin, context_length=context_length, huge_pages=huge_pages)
     # A missing model is the likelier mistake: report it before waiting on a piped prompt.
     model_dir = _model_dir(model)
     engine_class(runtime).artifact_path(model_dir)
@@ -234,6 +238,7 @@ def _read_prompt_file(path: Path) -> str:
 @click.option("--warmup", type=int, default=1, show_default=True, help="Discarded repetitions per cell.")
 @click.option("--timeout", type=float, default=900, show_default=True, help="Seconds allowed per cell.")
 @click.option("--pin", is_flag=True, help="Pin threads to physical cores.")
+@click.option("--huge-pages", is_flag=True, help=HUGE_PAGES_HELP)
 @click.option(
     "--ladder",
     is_flag=True,
@@ -245,7 +250,7 @@ def _read_prompt_file(path: Path) -> str:
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="PNG chart.")
 def compare(model: Path | None, runtimes: str, threads_list: str | None, scenario: str, prompt: str | None,
             prompt_file: Path | None, max_tokens: int, repeat: int, warmup: int, timeout: float, pin: bool,
-            ladder: bool, json_out: Path | None, csv_out: Path | None, markdown_out: Path | None,
+            huge_pages: bool, ladder: bool, json_out: Path | None, csv_out: Path | None, markdown_out: Path | None,
             plot_out: Path | None) -> None:  # fmt: skip
     """Measure the engines side by side: first token, prefill, decode, CPU and memory."""
     from qwenrt.compare import report as show
@@ -284,7 +289,8 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
     scenarios = [None] if prompt is not None else [find_scenario(s.strip()).name for s in scenario.split(",")]
     specs = [
         CellSpec(runtime=name, model_dir=str(model_dir), threads=threads, scenario=sc or "custom", prompt=prompt,
-                 max_tokens=max_tokens, repeat=repeat, warmup=warmup, pin=pin)
+                 max_tokens=max_tokens, repeat=repeat, warmup=warmup, pin=pin,
+                 huge_pages=huge_pages)
         for sc in scenarios for threads in thread_counts for name in names
     ]  # fmt: skip
     if ladder:
@@ -351,9 +357,10 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
 @click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
               help="Reuse the KV cache of a conversation's earlier turns.")  # fmt: skip
 @click.option("--no-access-log", is_flag=True, help="Log only qwenrt's line per answer, not every HTTP request.")
-def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, context_length: int | None,
-          parallel: int, host: str, port: int, max_tokens_limit: int, max_queue: int, max_body_bytes: int,
-          api_key: str | None, model_name: str | None, prefix_cache: bool, no_access_log: bool) -> None:  # fmt: skip
+def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, huge_pages: bool,
+          context_length: int | None, parallel: int, host: str, port: int, max_tokens_limit: int, max_queue: int,
+          max_body_bytes: int, api_key: str | None, model_name: str | None, prefix_cache: bool,
+          no_access_log: bool) -> None:  # fmt: skip
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions), streaming.
 
     Stops cleanly on SIGTERM or Ctrl-C: answers in flight get up to 10 s to finish.
@@ -368,7 +375,7 @@ def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, cont
         click.echo(f"qwenrt: warning: listening on {host} without --api-key: anyone who can reach it can use it",
                    err=True)  # fmt: skip
     options = EngineOptions(threads=threads, pin=pin, context_length=context_length, parallel=parallel,
-                            prefix_cache=prefix_cache)  # fmt: skip
+                            prefix_cache=prefix_cache, huge_pages=huge_pages)  # fmt: skip
     limits = ServerLimits(max_body_bytes=max_body_bytes, max_tokens=max_tokens_limit, max_queue=max_queue,
                           api_key=api_key)  # fmt: skip
     # Bind before loading the model: a taken port is reported at once, not after the load.

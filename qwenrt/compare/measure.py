@@ -37,6 +37,7 @@ class CellSpec:
     repeat: int = 5
     warmup: int = 1
     pin: bool = False
+    huge_pages: bool = False
     label: str | None = None  # how a report names the cell (the ladder's steps)
     engine_defaults: bool = False  # leave threads and hints at the engine's own defaults
     artifact: str | None = None  # a specific artifact instead of the model folder's own
@@ -48,7 +49,7 @@ class CellSpec:
 
     def options(self, prefix_cache: bool) -> EngineOptions:
         return EngineOptions(threads=self.threads, pin=self.pin, prefix_cache=prefix_cache,
-                             engine_defaults=self.engine_defaults)  # fmt: skip
+                             engine_defaults=self.engine_defaults, huge_pages=self.huge_pages)  # fmt: skip
 
     def conversation(self) -> Scenario:
         return custom_scenario(self.prompt, self.scenario) if self.prompt is not None else scenario(self.scenario)

@@ -34,7 +34,7 @@ __all__ = [
     "open_engine",
 ]
 
-_NOT_ENGINES = {"base", "byte_vocab", "chat_template", "threads"}
+_NOT_ENGINES = {"base", "byte_vocab", "chat_template", "huge_pages", "mapped_pages", "threads"}
 
 
 @cache
@@ -63,4 +63,10 @@ def engine_class(name: str) -> type[Engine]:
 
 def open_engine(name: str, model_dir: Path, options: EngineOptions | None = None) -> Engine:
     """Open ``model_dir`` (a qwenrt model folder, or the artifact itself) in engine ``name``."""
-    return engine_class(name)(Path(model_dir), options or EngineOptions())
+    options = options or EngineOptions()
+    engine = engine_class(name)(Path(model_dir), options)
+    if options.huge_pages:
+        from qwenrt.runtimes.huge_pages import collapse
+
+        collapse()
+    return engine

@@ -59,8 +59,9 @@ class LlamaCppEngine(Engine):
         threads = {} if options.engine_defaults else {"n_threads": self.threads.threads,
                                                       "n_threads_batch": self.threads.threads}  # fmt: skip
         try:
+            # Huge pages need the weights in the engine's own memory: the file's pages are the page cache's.
             self._llm = Llama(model_path=str(path), n_ctx=self.context_length, n_batch=512, n_ubatch=N_UBATCH,
-                              verbose=False, **threads)  # fmt: skip
+                              use_mmap=not options.huge_pages, verbose=False, **threads)  # fmt: skip
         except (ValueError, RuntimeError) as exc:
             raise ArtifactError(f"{path}: llama.cpp could not load the model ({exc})") from None
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama.cpp")
@@ -121,6 +122,8 @@ class LlamaCppEngine(Engine):
             self.on_engine_thread(tokens.close)
 
     def settings(self) -> dict[str, Any]:
+        from llama_cpp import llama_load_mode_name
+
         return {
             "engine": "llama.cpp",
             "artifact": str(self.path),
@@ -132,6 +135,8 @@ class LlamaCppEngine(Engine):
             "n_ubatch": self._llm.context_params.n_ubatch,
             "pinned_cpus": self.threads.pinned_cpus() if self.threads.pin else None,
             "prefix_cache": self.options.prefix_cache,
+            "load_mode": llama_load_mode_name(self._llm.model_params.load_mode).decode(),  # "mmap" or "none"
+            "huge_pages": self.options.huge_pages,
         }
 
     def close(self) -> None:

@@ -25,13 +25,24 @@ import contextlib
 import ctypes
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 MADV_PAGEOUT = 21  # <sys/mman.h>, Linux 5.4 and later
 TRIM_INTERVAL_S = 0.02
 
-_madvise = None
+_madvise: Callable[[int, int, int], int] | None = None
+
+
+def libc_madvise() -> Callable[[int, int, int], int]:
+    """The C library's ``madvise(address, length, advice)``, which returns 0 on success."""
+    global _madvise
+    if _madvise is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise.restype = ctypes.c_int
+        _madvise = libc.madvise
+    return _madvise
 
 
 def shared_read_only_mappings(path: Path) -> list[tuple[int, int]]:
@@ -56,19 +67,14 @@ def release(path: Path) -> int:
 
     Returns how many bytes of mappings were advised (0 when there are none).
     """
-    global _madvise
     ranges = shared_read_only_mappings(path)
     if not ranges:
         return 0
-    if _madvise is None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise.restype = ctypes.c_int
-        _madvise = libc.madvise
+    advise = libc_madvise()
     advised = 0
     for start, end in ranges:
         # A mapping unmapped since /proc was read fails with ENOMEM; nothing to release there.
-        if _madvise(start, end - start, MADV_PAGEOUT) == 0:
+        if advise(start, end - start, MADV_PAGEOUT) == 0:
             advised += end - start
     return advised
 

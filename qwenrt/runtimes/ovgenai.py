@@ -214,6 +214,7 @@ class OpenVINOEngine(Engine):
             "prefix_cache": self.options.prefix_cache,
             "pipeline": "ContinuousBatchingPipeline" if self._batcher is not None else "LLMPipeline",
             "parallel": self.concurrency,
+            "huge_pages": self.options.huge_pages,
         }
 
     def close(self) -> None:

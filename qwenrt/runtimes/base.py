@@ -44,8 +44,8 @@ class EngineOptions:
     # Generations a server may run at once. Engines that batch (OpenVINO's continuous
     # batching) share each forward pass among them; the others serve one at a time.
     parallel: int = 1
-    # Rebuild the loaded weights in 2 MB pages (qwenrt.runtimes.huge_pages): a few per cent
-    # of decode for about a second more at load.
+    # Rebuild the loaded weights in 2 MB pages (qwenrt.runtimes.huge_pages): 6-7 % of decode
+    # on the demo model, for 1-3 s more at load.
     huge_pages: bool = False
 
     def __post_init__(self) -> None:

@@ -14,10 +14,10 @@ reads the GGUF into its own memory instead of mapping it (file pages are the pag
 cache's to size), and once the engine has loaded and run its first inference every
 private anonymous mapping of the process is collapsed.
 
-It is opt-in: the collapse takes about a second on the demo model, added to the load
-time, for a few per cent of decode (BENCHMARKS.md, "Huge pages"): worth it for a server
-or a long session, not for a one-shot answer. Off Linux, before Linux 6.1 or with huge
-pages disabled, nothing changes.
+It is opt-in: on the demo model it adds 1.3 s (OpenVINO) to 2.8 s (llama.cpp, which then
+reads the whole file) to the load, for 6-7 % of decode (BENCHMARKS.md, "Huge pages"):
+worth it for a server or a long session, not for a one-shot answer. Off Linux, before
+Linux 6.1 or with huge pages disabled, nothing changes.
 """
 
 from __future__ import annotations

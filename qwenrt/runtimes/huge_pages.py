@@ -57,9 +57,12 @@ def collapse() -> int:
 
     Returns how many bytes of mappings the kernel collapsed (0 where it collapses none).
     """
+    ranges = private_anonymous_ranges()
+    if not ranges:  # no /proc/self/maps: not Linux, and no C library to ask either
+        return 0
     advise = libc_madvise()
     collapsed = 0
-    for start, end in private_anonymous_ranges():
+    for start, end in ranges:
         # A range the kernel will not collapse (a guard page's neighbour, a mapping marked
         # no-huge-page, one unmapped since /proc was read) fails alone and stays as it was.
         if advise(start, end - start, MADV_COLLAPSE) == 0:

@@ -21,7 +21,6 @@ from conftest import QWENRT
 from qwenrt.runtimes import EngineOptions, GenerationConfig, TokenEvent, huge_pages, open_engine
 
 SIZE = 8 * 1024 * 1024
-MIB = 1024 * 1024
 
 
 def kernel_collapses() -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwenrt.runtimes.mapped_pages import libc_madvise
+from qwenrt.runtimes.mapped_pages import advise
 
 MADV_COLLAPSE = 25  # <sys/mman.h>, Linux 6.1 and later
 HUGE_PAGE = 2 << 20
@@ -57,17 +57,8 @@ def collapse() -> int:
 
     Returns how many bytes of mappings the kernel collapsed (0 where it collapses none).
     """
-    ranges = private_anonymous_ranges()
-    if not ranges:  # no /proc/self/maps: not Linux, and no C library to ask either
-        return 0
-    advise = libc_madvise()
-    collapsed = 0
-    for start, end in ranges:
-        # A range the kernel will not collapse (a guard page's neighbour, a mapping marked
-        # no-huge-page, one unmapped since /proc was read) fails alone and stays as it was.
-        if advise(start, end - start, MADV_COLLAPSE) == 0:
-            collapsed += end - start
-    return collapsed
+    # A mapping marked no-huge-page, or one unmapped since /proc was read, stays as it was.
+    return advise(private_anonymous_ranges(), MADV_COLLAPSE)
 
 
 def huge_page_bytes() -> int:

@@ -45,6 +45,18 @@ def libc_madvise() -> Callable[[int, int, int], int]:
     return _madvise
 
 
+def advise(ranges: list[tuple[int, int]], advice: int) -> int:
+    """``madvise`` each address range; how many bytes of them the kernel took the advice for.
+
+    A range it refuses (unmapped since /proc was read, or unsuited to the advice) fails
+    alone and is left as it was.
+    """
+    if not ranges:  # nothing to ask, so no C library to load (there may be none: not Linux)
+        return 0
+    call = libc_madvise()
+    return sum(end - start for start, end in ranges if call(start, end - start, advice) == 0)
+
+
 def shared_read_only_mappings(path: Path) -> list[tuple[int, int]]:
     """Address ranges where this process maps ``path`` read-only and shared."""
     target = os.path.realpath(path)
@@ -67,16 +79,7 @@ def release(path: Path) -> int:
 
     Returns how many bytes of mappings were advised (0 when there are none).
     """
-    ranges = shared_read_only_mappings(path)
-    if not ranges:
-        return 0
-    advise = libc_madvise()
-    advised = 0
-    for start, end in ranges:
-        # A mapping unmapped since /proc was read fails with ENOMEM; nothing to release there.
-        if advise(start, end - start, MADV_PAGEOUT) == 0:
-            advised += end - start
-    return advised
+    return advise(shared_read_only_mappings(path), MADV_PAGEOUT)
 
 
 def resident_bytes(path: Path) -> int:

@@ -11,26 +11,16 @@ import ctypes
 import json
 import mmap
 import os
-import platform
 import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import QWENRT
+from helpers import kernel_collapses
 
 from qwenrt.runtimes import EngineOptions, GenerationConfig, TokenEvent, huge_pages, open_engine
 
 SIZE = 8 * 1024 * 1024
-
-
-def kernel_collapses() -> bool:
-    """Whether this kernel rebuilds memory in huge pages on MADV_COLLAPSE: Linux 6.1 and
-    later, with transparent huge pages not switched off."""
-    if platform.system() != "Linux":
-        return False
-    major, minor = (int(part) for part in platform.release().split(".")[:2])
-    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    return (major, minor) >= (6, 1) and setting.exists() and "[never]" not in setting.read_text()
 
 
 def private_anonymous(size: int) -> mmap.mmap:

@@ -28,6 +28,7 @@ import httpx
 import openai
 import pytest
 from conftest import ENGINES, QWENRT
+from helpers import anonymous_huge_page_bytes, kernel_collapses
 from tiny_model import build_tiny_qwen2
 
 from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, open_engine
@@ -720,6 +721,20 @@ def test_api_key_full_queue_and_graceful_stop(runtime: str, serve_model: Path, t
         assert call.result.usage.completion_tokens == max_tokens
     assert refused_while_answering, "new connections were refused only after the answers were done"
     assert_stopped_cleanly(server)
+
+
+@pytest.mark.parametrize("runtime", ENGINES)
+def test_huge_pages_server_answers_as_the_engine(runtime: str, serve_model: Path, local_engines: dict,
+                                                 tmp_path: Path) -> None:  # fmt: skip
+    expected = local_answer(local_engines[runtime], HELLO, 24)
+    with running(runtime, serve_model, tmp_path / "server.log", "--huge-pages", "--parallel", str(PARALLEL)) as server:
+        answer = server.client().chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=24, temperature=0)
+        assert answer.choices[0].message.content == expected.text
+        in_huge_pages = anonymous_huge_page_bytes(server.process.pid)
+        assert_stopped_cleanly(server)
+    # Where the kernel can collapse, the loaded server's memory sits in 2 MB pages, which
+    # this machine (transparent huge pages on request only) gives no process unasked.
+    assert (in_huge_pages > 0) == kernel_collapses()
 
 
 # --- command-line errors -----------------------------------------------------------------

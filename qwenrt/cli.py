@@ -260,6 +260,8 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
     from qwenrt.runtimes import engine_class
     from qwenrt.runtimes.threads import ThreadPlan
 
+    if ladder:
+        _refuse_options_the_ladder_sets()
     model_dir = _model_dir(model)
     names = ["gguf", "openvino", "transformers"] if ladder else [n.strip() for n in runtimes.split(",") if n.strip()]
     problems: dict[str, QwenrtError] = {}
@@ -386,6 +388,20 @@ def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, huge
         sock.close()
         raise
     serve(engine, model_name or model_dir.name, sock, limits, access_log=not no_access_log)
+
+
+# The ladder's steps are the write-up's own settings: these options would be silently dropped.
+_LADDER_SETS = {"runtimes": "--runtimes", "threads_list": "--threads", "scenario": "--scenario", "prompt": "--prompt",
+                "prompt_file": "--prompt-file", "pin": "--pin", "huge_pages": "--huge-pages"}  # fmt: skip
+
+
+def _refuse_options_the_ladder_sets() -> None:
+    context = click.get_current_context()
+    given = [flag for name, flag in _LADDER_SETS.items()
+             if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]  # fmt: skip
+    if given:
+        raise QwenrtError(f"--ladder measures the write-up's own steps, engines, threads and prompt; "
+                          f"drop {', '.join(given)} or leave out --ladder")  # fmt: skip
 
 
 def _check_output(path: Path) -> None:

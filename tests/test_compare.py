@@ -194,6 +194,7 @@ def test_failed_cell_is_reported_and_others_still_run(small_model: Path, tmp_pat
         (["--prompt-file", "/nonexistent/prompt.txt"], "prompt file not found"),
         (["--scenario", "nope"], "unknown scenario"),
         (["--runtimes", "onnx"], "unknown runtime"),
+        (["--ladder", "--huge-pages", "--threads", "1"], "drop --threads, --huge-pages or leave out --ladder"),
     ],
 )
 def test_bad_options_give_one_line_errors(small_model: Path, args: list[str], message: str) -> None:

@@ -7,11 +7,13 @@ which must hold none of its IR file once it is open, and still answer the same.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import threading
 from pathlib import Path
 
+import psutil
 import pytest
 
 from qwenrt.runtimes import EngineOptions, GenerationConfig, TokenEvent, mapped_pages, open_engine
@@ -21,6 +23,7 @@ SIZE = 8 * 1024 * 1024
 # another CPU) still wait in that CPU's LRU batch, where MADV_PAGEOUT cannot take them yet
 # (20-80 KB seen on the demo model).
 PAGES_IN_FLIGHT = 1024 * 1024
+CHUNK, HEAP_HOLE = 64 * 1024, 64 * 1024 * 1024
 
 
 @pytest.fixture
@@ -74,6 +77,29 @@ def test_pages_read_during_the_block_are_given_back_while_it_runs(weights_file: 
             assert mapped_pages.resident_bytes(weights_file) < PAGES_IN_FLIGHT
             touch_every_page(view)
         assert mapped_pages.resident_bytes(weights_file) < PAGES_IN_FLIGHT
+
+
+def test_trim_heap_gives_back_free_memory_inside_the_heap() -> None:
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    # 64 MB in blocks below malloc's mmap threshold, so they come from the heap, written so
+    # they are resident. The last one, the highest, stays: freeing the others leaves a hole
+    # inside the heap, which free() never gives back by itself.
+    *freed, last = [libc.malloc(CHUNK) for _ in range(HEAP_HOLE // CHUNK)]
+    assert all(freed) and last
+    for block in (*freed, last):
+        ctypes.memset(block, 1, CHUNK)
+    try:
+        for block in freed:
+            libc.free(block)
+        before = psutil.Process().memory_info().rss
+        assert mapped_pages.trim_heap()
+        given_back = before - psutil.Process().memory_info().rss
+    finally:
+        libc.free(last)
+    assert given_back > HEAP_HOLE // 2, given_back
 
 
 @pytest.mark.parametrize("parallel", [1, 2], ids=["LLMPipeline", "ContinuousBatchingPipeline"])

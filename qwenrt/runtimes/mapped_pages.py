@@ -21,16 +21,16 @@ would without it.
 The same first inference also leaves free memory inside the C library's heap: the plugin
 builds its copies on several threads, each with its own malloc arena, and what they free
 there stays resident. glibc's ``malloc_trim`` hands those pages back; done beside each
-release, it took OpenVINO's peak on the demo model from 728-734 MB to 686-693 MB, at the
-same load time and decode speed (BENCHMARKS.md, "Giving back the load's free heap").
-llama.cpp allocates its buffers once and frees nothing in between: there it changes
-nothing, and it is not called.
+release, it took OpenVINO's peak on the demo model from 731 MB to 687 MB, at the same
+load time and decode speed (BENCHMARKS.md, "Giving back the load's free heap").
+llama.cpp allocates its buffers once, at load, and is left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -41,7 +41,6 @@ MADV_PAGEOUT = 21  # <sys/mman.h>, Linux 5.4 and later
 TRIM_INTERVAL_S = 0.02
 
 _madvise: Callable[[int, int, int], int] | None = None
-_malloc_trim: Callable[[int], int] | None = None
 
 
 def libc_madvise() -> Callable[[int, int, int], int]:
@@ -61,17 +60,20 @@ def trim_heap() -> bool:
     Returns whether it did: False where there is no glibc (musl, macOS, Windows), and
     where glibc found nothing to give back.
     """
-    global _malloc_trim
-    if _malloc_trim is None:
-        if not sys.platform.startswith("linux"):
-            return False
-        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-        if trim is None:  # a C library other than glibc
-            return False
-        trim.argtypes = [ctypes.c_size_t]
-        trim.restype = ctypes.c_int
-        _malloc_trim = trim
-    return _malloc_trim(0) == 1
+    trim = _glibc_malloc_trim()
+    return trim is not None and trim(0) == 1
+
+
+@functools.cache
+def _glibc_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is None:  # a C library other than glibc
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
 
 
 def advise(ranges: list[tuple[int, int]], advice: int) -> int:

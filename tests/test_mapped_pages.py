@@ -1,8 +1,9 @@
 """Handing a mapped weights file's pages back to the kernel (qwenrt.runtimes.mapped_pages).
 
 The helpers run on files this test maps itself with Python's mmap, so that the kernel's
-own accounting (/proc/self/smaps) says what is resident; then on the OpenVINO engine,
-which must hold none of its IR file once it is open, and still answer the same.
+own accounting (/proc/self/smaps) says what is resident, and on heap memory it allocates
+and frees itself through the C library; then on the OpenVINO engine, which must hold
+none of its IR file once it is open, and still answer the same.
 """
 
 from __future__ import annotations

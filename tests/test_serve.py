@@ -732,9 +732,11 @@ def test_huge_pages_server_answers_as_the_engine(runtime: str, serve_model: Path
         assert answer.choices[0].message.content == expected.text
         in_huge_pages = anonymous_huge_page_bytes(server.process.pid)
         assert_stopped_cleanly(server)
-    # Where the kernel can collapse, the loaded server's memory sits in 2 MB pages, which
-    # this machine (transparent huge pages on request only) gives no process unasked.
-    assert (in_huge_pages > 0) == kernel_collapses()
+    # Where the kernel can collapse, the loaded server's memory sits in 2 MB pages (which
+    # this machine, transparent huge pages on request only, gives a plain server none of).
+    # Elsewhere the option changes nothing, and the answer above is the whole check.
+    if kernel_collapses():
+        assert in_huge_pages > 0
 
 
 # --- command-line errors -----------------------------------------------------------------

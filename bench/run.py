@@ -77,7 +77,9 @@ def adapter_overhead(model_dir: Path, threads: int, tokens: int, repeat: int) ->
 
 
 def _middle_half(values: list[float]) -> list[float]:
-    """The first and third quartiles."""
+    """The first and third quartiles (none for a single pair)."""
+    if len(values) < 2:
+        return []
     quartiles = statistics.quantiles(values, n=4, method="inclusive")
     return [quartiles[0], quartiles[2]]
 
@@ -159,6 +161,8 @@ def main() -> None:
                         help="interleaved pairs (qwenrt, engine loop) for the adapter overhead")  # fmt: skip
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
+    if args.pairs < 1 or args.repeat < 1:
+        parser.error("--pairs and --repeat must be 1 or more")
     threads = physical_cores()
 
     overhead = adapter_overhead(args.model, threads, args.tokens, args.pairs)

@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import platform
-import queue
-import signal
-import subprocess
-import sys
-import threading
-import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -21,6 +13,7 @@ from typing import Any
 import psutil
 
 from qwenrt import __version__
+from qwenrt.child import run_child
 from qwenrt.compare.ceiling import add_decode_ceilings, bandwidth_by_threads, has_ceiling
 from qwenrt.compare.measure import CellSpec
 from qwenrt.manifest import read_manifest
@@ -28,9 +21,6 @@ from qwenrt.runtimes.threads import physical_cores
 
 SCHEMA = "qwenrt.compare/1"
 ENGINE_PACKAGES = ["llama-cpp-python", "openvino", "openvino-genai", "openvino-tokenizers"]
-STDERR_TAIL_LINES = 20
-EXIT_GRACE_S = 30.0
-CRASH_SIGNALS = {"SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE"}
 
 
 def run_comparison(
@@ -85,97 +75,12 @@ def run_comparison(
 def _run_in_process(spec: CellSpec, timeout_s: float, progress: Callable[[str], None]) -> dict[str, Any]:
     """One cell in a fresh worker; whatever happens to the worker (an error, a native crash,
     a hang past ``timeout_s``) comes back as the cell's failure with its reason."""
-    started = time.monotonic()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "qwenrt.compare.worker"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-    )  # fmt: skip
-    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-    # Both pipes are drained as the worker writes: an engine that logs a lot to stderr would
-    # otherwise fill the pipe and stall, and the cell would time out for no fault of its own.
-    stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-
-    def pump_stdout() -> None:
-        assert child.stdout is not None
-        for line in child.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    def pump_stderr() -> None:
-        assert child.stderr is not None
-        for line in child.stderr:
-            if line.strip():
-                stderr_tail.append(line.strip())
-
-    readers = [threading.Thread(target=pump, daemon=True) for pump in (pump_stdout, pump_stderr)]
-    for reader in readers:
-        reader.start()
-    outcome: dict[str, Any] = {}
-    try:
-        try:
-            assert child.stdin is not None
-            child.stdin.write(json.dumps(asdict(spec)))
-            child.stdin.close()
-        except BrokenPipeError:
-            pass  # the worker died at once; its exit status says why
-        while True:
-            remaining = timeout_s - (time.monotonic() - started)
-            if remaining <= 0:
-                _stop(child)
-                return _failed(spec, f"timed out after {timeout_s:g} s (the limit per cell, --timeout); stopped")
-            try:
-                line = lines.get(timeout=min(remaining, 1.0))
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            try:
-                message = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # an engine printed to stdout; not ours
-            if not isinstance(message, dict):
-                continue
-            if "progress" in message:
-                progress(str(message["progress"]))
-            else:
-                outcome = message
-        try:
-            child.wait(timeout=max(1.0, min(EXIT_GRACE_S, timeout_s - (time.monotonic() - started))))
-        except subprocess.TimeoutExpired:
-            _stop(child)  # it said all it had to say, then hung on its way out
-    except KeyboardInterrupt:
-        _stop(child)
-        raise
-    for reader in readers:
-        reader.join(timeout=5)
-    if "result" in outcome:
-        return outcome["result"]
-    if "error" in outcome:
-        return _failed(spec, str(outcome["error"]))
-    return _failed(spec, _exit_reason(child.returncode, list(stderr_tail)))
-
-
-def _stop(child: subprocess.Popen[str]) -> None:
-    child.kill()
-    child.wait()
-
-
-def _exit_reason(returncode: int, stderr_tail: list[str]) -> str:
-    """Why a worker ended without a result, in words: a signal is a crash (or a kill), not a code."""
-    last = f"; its last words: {stderr_tail[-1][:300]}" if stderr_tail else ""
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        if name == "SIGKILL":
-            cause = "was killed (out of memory, or by another process)"
-        elif name in CRASH_SIGNALS:
-            cause = "crashed inside the engine"
-        else:
-            cause = "was stopped"
-        return f"worker {cause}: {name}{last}"
-    return f"worker exited with code {returncode} and no result{last}"
+    outcome = run_child("qwenrt.compare.worker", asdict(spec), timeout_s=timeout_s, progress=progress)
+    if outcome.ok:
+        return outcome.result
+    if outcome.crash and outcome.crash.startswith("timed out"):
+        return _failed(spec, f"timed out after {timeout_s:g} s (the limit per cell, --timeout); stopped")
+    return _failed(spec, outcome.reason())
 
 
 def _failed(spec: CellSpec, reason: str) -> dict[str, Any]:

@@ -1,40 +1,20 @@
 """The process that measures one cell: spec as JSON on stdin, JSON lines on stdout.
 
-Lines are ``{"progress": "..."}`` while it works, then one ``{"result": {...}}`` or
-``{"error": "..."}``. Running each cell in its own process keeps engines from
-inheriting each other's memory, threads and caches.
+Running each cell in its own process keeps engines from inheriting each other's memory,
+threads and caches, and a crash of one from ending the comparison (:mod:`qwenrt.child`).
 """
 
 from __future__ import annotations
 
-import json
-import signal
-import sys
+from typing import Any
 
+from qwenrt.child import child_main
 from qwenrt.compare.measure import CellSpec, run_cell
-from qwenrt.errors import QwenrtError
 
 
-def _emit(message: dict) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
-
-
-def main() -> None:
-    # Ctrl-C at the terminal reaches the whole process group; the comparison (the parent)
-    # decides what it means: it stops this worker and reports the cells finished so far.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    spec = CellSpec(**json.loads(sys.stdin.read()))
-    try:
-        result = run_cell(spec, progress=lambda text: _emit({"progress": text}))
-    except QwenrtError as exc:
-        _emit({"error": str(exc)})
-        sys.exit(2)
-    except Exception as exc:  # reported as the cell's failure; the comparison goes on
-        _emit({"error": f"{type(exc).__name__}: {exc}"})
-        sys.exit(1)
-    _emit({"result": result})
+def _measure(request: dict[str, Any], progress: Any) -> dict[str, Any]:
+    return run_cell(CellSpec(**request), progress=progress)
 
 
 if __name__ == "__main__":
-    main()
+    child_main(_measure)

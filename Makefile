@@ -10,10 +10,13 @@ DEMO_PROMPT ?= Write a Python quicksort function
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml qwenrt/native/llama_wheel.py $(wildcard qwenrt/native/patches/*.patch)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install "$(TORCH_SPEC)"
+	# llama-cpp-python built from source with qwenrt's patches to its llama.cpp (qwenrt/native/patches),
+	# cached per CPU kind under the qwenrt home: minutes the first time, seconds after.
+	$(BIN)/python -m qwenrt.native.llama_wheel --install
 	$(BIN)/pip install -e ".[convert,plot,dev]"
 	touch $@
 

@@ -1,0 +1,172 @@
+"""Build llama-cpp-python from its source with qwenrt's patches to the llama.cpp it vendors.
+
+llama-cpp-python is on PyPI as source only, and pip builds it for the CPU it runs on
+(llama.cpp's native build). Where upstream llama.cpp is broken on a CPU qwenrt's users
+have, qwenrt carries a small patch to the vendored copy, as ollama does with its own:
+each file in ``patches/`` says why, and which upstream change will make it unnecessary.
+
+``python -m qwenrt.native.llama_wheel --install`` (what ``make install`` runs) downloads the
+pinned source distribution, applies the patches, gives the package a local version
+(``0.3.36+qwenrt.<digest of the patches>``, so that ``pip show`` and qwenrt's probe cache
+tell it from a plain build), builds the wheel and installs it. Wheels are cached under
+the qwenrt home, keyed by all that changes what gets built: the version, the patches,
+``CMAKE_ARGS``, the Python, and the CPU (a native build uses its instruction set; a wheel
+built on one CPU may die with SIGILL on another), so installing again on the same kind
+of host takes seconds instead of minutes.
+
+Standard library only: it runs before qwenrt's dependencies are installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+PACKAGE = "llama-cpp-python"
+# Keep in step with pyproject.toml's pin: the patches are made against this version's source.
+VERSION = "0.3.36"
+PATCHES = Path(__file__).parent / "patches"
+VERSION_FILE = "llama_cpp/__init__.py"
+
+
+class BuildError(Exception):
+    pass
+
+
+def patch_files() -> list[Path]:
+    return sorted(PATCHES.glob(f"{PACKAGE}-*.patch"))
+
+
+def local_version() -> str:
+    """The version the patched build carries: the upstream one plus a digest of the patches."""
+    digest = hashlib.sha256()
+    for patch in patch_files():
+        digest.update(patch.name.encode() + b"\0" + patch.read_bytes())
+    return f"{VERSION}+qwenrt.{digest.hexdigest()[:8]}"
+
+
+def cpu_identity() -> str:
+    """The CPU model and its feature flags: what a native build compiles for."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    wanted = ("model name", "flags", "Features", "CPU part")  # x86 names them one way, ARM another
+    found = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name.strip() in wanted and name.strip() not in found:
+            found[name.strip()] = " ".join(sorted(value.split())) if name.strip() != "model name" else value.strip()
+    return "; ".join(f"{key}={found[key]}" for key in sorted(found)) or platform.machine()
+
+
+def build_key() -> str:
+    parts = [local_version(), os.environ.get("CMAKE_ARGS", ""), sys.implementation.cache_tag or "",
+             platform.machine(), cpu_identity()]  # fmt: skip
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    from qwenrt.paths import cache_root
+
+    return cache_root() / "wheels" / PACKAGE
+
+
+def fetch_source(cache_dir: Path, pip: list[str]) -> Path:
+    """The pinned source distribution, downloaded once into the cache."""
+    folder = cache_dir / "sdist"
+    for found in sorted(folder.glob(f"llama_cpp_python-{VERSION}.tar.gz")):
+        return found
+    folder.mkdir(parents=True, exist_ok=True)
+    _run(pip + ["download", "--no-deps", "--no-binary", ":all:", f"{PACKAGE}=={VERSION}", "--dest", str(folder)])
+    found = sorted(folder.glob(f"llama_cpp_python-{VERSION}.tar.gz"))
+    if not found:
+        raise BuildError(f"pip downloaded no source distribution of {PACKAGE} {VERSION} into {folder}")
+    return found[0]
+
+
+def prepare_source(sdist: Path, work_dir: Path) -> Path:
+    """Unpack ``sdist`` into ``work_dir``, apply every patch and set the local version."""
+    with tarfile.open(sdist) as archive:
+        # The "data" filter refuses links and paths out of work_dir (Python 3.10.12 and later).
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        archive.extractall(work_dir, **safe)
+    source = work_dir / f"llama_cpp_python-{VERSION}"
+    if not source.is_dir():
+        raise BuildError(f"{sdist.name} does not unpack into {source.name}")
+    if shutil.which("patch") is None:
+        raise BuildError(
+            "the 'patch' program is needed to apply qwenrt's patches; install it (Debian: apt install patch)"
+        )
+    for patch in patch_files():
+        command = ["patch", "-p1", "--forward", "--batch", "--silent", "-d", str(source), "-i", str(patch)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BuildError(f"{patch.name} does not apply to {PACKAGE} {VERSION}: {result.stdout.strip()[:300]}")
+    version_file = source / VERSION_FILE
+    text = version_file.read_text(encoding="utf-8")
+    declared = f'__version__ = "{VERSION}"'
+    if declared not in text:
+        raise BuildError(f"{VERSION_FILE} of {sdist.name} does not declare {declared}")
+    version_file.write_text(text.replace(declared, f'__version__ = "{local_version()}"'), encoding="utf-8")
+    return source
+
+
+def build_wheel(cache_dir: Path, pip: list[str], log=print) -> Path:
+    """The patched wheel for this host, from the cache or built now (minutes: llama.cpp compiles)."""
+    target = cache_dir / build_key()
+    cached = sorted(target.glob("llama_cpp_python-*.whl"))
+    if cached:
+        log(f"{PACKAGE} {local_version()}: using the wheel built before, {cached[0]}")
+        return cached[0]
+    sdist = fetch_source(cache_dir, pip)
+    with tempfile.TemporaryDirectory(prefix="qwenrt-llama-build-") as work:
+        source = prepare_source(sdist, Path(work))
+        log(f"{PACKAGE} {local_version()}: building from source with {len(patch_files())} qwenrt patch(es) "
+            "(about 5 minutes on 2 cores) …")  # fmt: skip
+        env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 1))
+        _run(pip + ["wheel", "--no-deps", "--wheel-dir", str(Path(work) / "wheel"), str(source)], env=env)
+        built = sorted((Path(work) / "wheel").glob("llama_cpp_python-*.whl"))
+        if not built:
+            raise BuildError(f"pip built no {PACKAGE} wheel")
+        target.mkdir(parents=True, exist_ok=True)
+        partial = target / (built[0].name + ".partial")
+        shutil.copyfile(built[0], partial)
+        final = target / built[0].name
+        os.replace(partial, final)  # a wheel in the cache is always whole
+    return final
+
+
+def _run(command: list[str], env: dict[str, str] | None = None) -> None:
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        raise BuildError(f"{' '.join(command[:4])} … failed with exit status {result.returncode} (see above)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qwenrt.native.llama_wheel", description=__doc__.splitlines()[0])
+    parser.add_argument("--install", action="store_true", help="Install the wheel into this Python.")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="Where wheels and the source are kept.")
+    args = parser.parse_args(argv)
+    pip = [sys.executable, "-m", "pip"]
+    try:
+        wheel = build_wheel(args.cache_dir or default_cache_dir(), pip)
+        if args.install:
+            _run(pip + ["install", "--quiet", str(wheel)])
+    except BuildError as exc:
+        print(f"qwenrt: error: {exc}", file=sys.stderr)
+        return 1
+    print(wheel)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

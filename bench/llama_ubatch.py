@@ -67,13 +67,12 @@ def long_prompt_file(prompt_tokens: int) -> Path:
 
 def qwenrt_cell(model: Path, n_ubatch: int, prompt_tokens: int) -> dict:
     from qwenrt.compare.measure import CellSpec, run_cell
-    from qwenrt.runtimes import llamacpp
 
     # Written by the parent: making it here would open an engine and raise this process's peak.
     prompt = long_prompt_file(prompt_tokens).read_text()
-    llamacpp.N_UBATCH = n_ubatch  # read when the engine opens
     cell = run_cell(CellSpec(runtime="gguf", model_dir=str(model), threads=THREADS, scenario=f"prompt-{prompt_tokens}",
-                             prompt=prompt, max_tokens=16, repeat=2, warmup=1))  # fmt: skip
+                             prompt=prompt, max_tokens=16, repeat=2, warmup=1,
+                             settings={"n_ubatch": n_ubatch}))  # fmt: skip
     assert cell["settings"]["n_ubatch"] == n_ubatch
     return {"n_ubatch": n_ubatch, "prompt_tokens": cell["prompt_tokens"], "prefill_tps": cell["prefill_tps"]["median"],
             "peak_rss_bytes": cell["peak_rss_bytes"], "artifact_bytes": cell["artifact_bytes"]}  # fmt: skip

@@ -13,7 +13,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class CellSpec:
     engine_defaults: bool = False  # leave threads and hints at the engine's own defaults
     artifact: str | None = None  # a specific artifact instead of the model folder's own
     batch: int = 1  # prompts generated at once (OpenVINO only)
+    settings: dict[str, Any] = field(default_factory=dict)  # engine knobs given on the command line
 
     @property
     def engine_path(self) -> Path:
@@ -49,7 +50,8 @@ class CellSpec:
 
     def options(self, prefix_cache: bool) -> EngineOptions:
         return EngineOptions(threads=self.threads, pin=self.pin, prefix_cache=prefix_cache,
-                             engine_defaults=self.engine_defaults, huge_pages=self.huge_pages)  # fmt: skip
+                             engine_defaults=self.engine_defaults, huge_pages=self.huge_pages,
+                             settings=self.settings)  # fmt: skip
 
     def conversation(self) -> Scenario:
         return custom_scenario(self.prompt, self.scenario) if self.prompt is not None else scenario(self.scenario)
@@ -85,7 +87,7 @@ def run_cell(spec: CellSpec, progress: Callable[[str], None] = lambda _: None) -
         )
         config = GenerationConfig(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True)
         engine.check_fits(len(prompt_ids), spec.max_tokens)
-        measure = _batch_repetition if spec.batch > 1 else _repetition
+        measure = _batch_repetition if spec.batch > 1 else measure_repetition
         for index in range(spec.warmup):
             progress(f"warm-up {index + 1}/{spec.warmup}")
             measure(engine, prompt_ids, previous_ids, config, spec.batch)
@@ -97,9 +99,11 @@ def run_cell(spec: CellSpec, progress: Callable[[str], None] = lambda _: None) -
         # of this one (50 MB for llama.cpp, which glibc keeps) would otherwise count in its peak.
         resident = resident_memory() | {"peak_rss_bytes": peak_rss_bytes()}
         settings = engine.settings()
+        resolved = engine.resolved.describe()
     cached_first_token_s = None if second_turn or spec.batch > 1 else _cached_first_token(spec, prompt_ids, config)
-    return _cell_result(spec, conversation, settings, load_s, rss_after_load, prompt_ids, repetitions,
-                        cached_first_token_s, resident)  # fmt: skip
+    result = _cell_result(spec, conversation, settings, load_s, rss_after_load, prompt_ids, repetitions,
+                          cached_first_token_s, resident)  # fmt: skip
+    return result | {"resolved": resolved, "engine_defaults": spec.engine_defaults}
 
 
 def _cached_first_token(spec: CellSpec, prompt_ids: list[int], config: GenerationConfig) -> float:
@@ -108,11 +112,11 @@ def _cached_first_token(spec: CellSpec, prompt_ids: list[int], config: Generatio
     Reported beside the cold figures, so that nobody mistakes one for the other.
     """
     with open_engine(spec.runtime, spec.engine_path, spec.options(prefix_cache=True)) as engine:
-        _repetition(engine, prompt_ids, None, config)
-        return _repetition(engine, prompt_ids, None, config).first_token_s
+        measure_repetition(engine, prompt_ids, None, config)
+        return measure_repetition(engine, prompt_ids, None, config).first_token_s
 
 
-def _repetition(
+def measure_repetition(
     engine: Engine, prompt_ids: list[int], previous_ids: list[int] | None, config: GenerationConfig, batch: int = 1
 ) -> Repetition:
     if previous_ids is not None:

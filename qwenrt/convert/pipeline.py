@@ -16,6 +16,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,11 +43,11 @@ from qwenrt.manifest import (
     read_manifest,
     write_manifest,
 )
+from qwenrt.runtimes.probe import PROBE_NEW_TOKENS
 
 FORMATS = (GGUF_KEY, OPENVINO_KEY)
 TOOLS = ["qwenrt", "gguf", "llama-cpp-python", "openvino", "openvino-genai", "openvino-tokenizers",
          "optimum-intel", "nncf", "transformers", "torch"]  # fmt: skip
-VERIFY_TOKENS = 4
 SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
@@ -254,19 +255,39 @@ def _file_entries(root: Path, target: Path) -> list[dict[str, Any]]:
 
 
 def _verify(key: str, staging: Path, record: dict[str, Any], checkpoint: Checkpoint, log: Any) -> str:
-    """Load the new artifact in its own engine and generate a few tokens."""
-    from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, open_engine
+    """Run the new artifact in its own engine, in a child process, and generate a few tokens.
 
+    A native crash there ends the child, not the conversion: the engine's safe fallback is
+    tried (and remembered for this host, like any probe), or the conversion fails with one
+    line and leaves the model folder as it was."""
+    from qwenrt.runtimes import EngineOptions, engine_class
+    from qwenrt.runtimes.fingerprint import record_digest
+    from qwenrt.runtimes.probe import EngineCrashError, safe_settings
+
+    engine = engine_class(key)
+    artifact = staging / record["path"]
     window = min(512, int(checkpoint.config["max_position_embeddings"]))
     options = EngineOptions(context_length=window, prefix_cache=False)
-    with open_engine(key, staging / record["path"], options) as engine:
-        events = list(engine.stream_chat([{"role": "user", "content": "Hello"}],
-                                         GenerationConfig(max_tokens=VERIFY_TOKENS, ignore_eos=True)))  # fmt: skip
-    end = events[-1]
-    if not isinstance(end, StreamEnd) or end.generated_tokens != VERIFY_TOKENS:
-        raise QwenrtError(f"{key}: the new artifact did not generate {VERIFY_TOKENS} tokens in its engine")
-    log(f"{key}: verified in its engine: {end.text!r}")
-    return end.text
+    settings, run_key = engine.resolve_settings(artifact, options, digest=record_digest(record))
+    with warnings.catch_warnings(record=True) as fell_back:
+        warnings.simplefilter("always")
+        try:
+            _, outcome = safe_settings(engine, artifact, settings, run_key, window, fresh=True)
+        except EngineCrashError as exc:
+            others = [other for other in FORMATS if other != key]
+            instead = f"; --format {others[0]} makes the other artifact alone" if others else ""
+            raise QwenrtError(
+                f"{key}: {engine.description} crashes on this CPU ({exc.signal}) when it runs the new artifact, "
+                f"with every safe fallback qwenrt knows; the model folder was left as it was{instead}"
+            ) from None
+    for warning in fell_back:
+        log(f"{key}: {warning.message}")
+    if outcome is not None and outcome["ok"] is None:
+        raise QwenrtError(f"{key}: the new artifact failed in its engine: {outcome['error']}")
+    if outcome is None or outcome.get("generated_tokens") != PROBE_NEW_TOKENS:
+        raise QwenrtError(f"{key}: the new artifact did not generate {PROBE_NEW_TOKENS} tokens in its engine")
+    log(f"{key}: verified in its engine: {outcome['text']!r}")
+    return outcome["text"]
 
 
 def _updated_manifest(

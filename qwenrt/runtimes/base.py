@@ -13,15 +13,20 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from qwenrt.errors import ModelNotFoundError, QwenrtError
 from qwenrt.manifest import artifact_files, trained_context_length
 from qwenrt.runtimes.chat_template import Message, render_chat
+from qwenrt.runtimes.settings import Knob, ResolvedSettings, resolve
 from qwenrt.runtimes.threads import ThreadPlan
+
+if TYPE_CHECKING:
+    from qwenrt.runtimes.fingerprint import RunKey
+    from qwenrt.runtimes.probe import SafeFallback
 
 DEFAULT_CONTEXT = 4096
 StopReason = Literal["eos", "length", "stop", "cancelled"]
@@ -38,9 +43,13 @@ class EngineOptions:
     # Reuse the KV cache of a prompt's common prefix with the previous one (multi-turn chat).
     # Benchmarks turn it off so that every repetition pays for its whole prompt.
     prefix_cache: bool = True
-    # Leave threads and hints at the engine's own defaults: the "before" rows of
-    # compare --ladder, never a setting to ship.
+    # Leave threads and every setting at the engine's own defaults: the "before" rows of
+    # compare --ladder and --engine-defaults, never a configuration to ship.
     engine_defaults: bool = False
+    # Values for the engine's knobs (Engine.knobs), ahead of a tuned profile and qwenrt's rules.
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    # Use the host profile that 'qwenrt tune' saved, if any (tune itself measures without one).
+    use_profile: bool = True
     # Generations a server may run at once. Engines that batch (OpenVINO's continuous
     # batching) share each forward pass among them; the others serve one at a time.
     parallel: int = 1
@@ -120,16 +129,47 @@ class Engine(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    # The packages whose versions make up this engine's build (probe cache, profiles, reports).
+    packages: ClassVar[tuple[str, ...]] = ()
+    # The settings qwenrt may choose per host, with their candidates and rules.
+    knobs: ClassVar[tuple[Knob, ...]] = ()
+    # Settings that avoid crashes seen on some CPUs, tried in order when the probe crashes.
+    safe_fallbacks: ClassVar[tuple[SafeFallback, ...]] = ()
     concurrency: int = 1
 
-    def __init__(self, model_dir: Path, options: EngineOptions = EngineOptions()) -> None:
+    def __init__(
+        self, model_dir: Path, options: EngineOptions = EngineOptions(), settings: ResolvedSettings | None = None
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.options = options
-        self.threads = ThreadPlan.resolve(options.threads, pin=options.pin)
+        self.resolved = settings if settings is not None else self.resolve_settings(self.model_dir, options)[0]
+        self.threads = ThreadPlan.resolve(self.resolved.get("threads"), pin=options.pin)
         if not options.engine_defaults:
             self.threads.apply_to_process()
-        trained = trained_context_length(self.model_dir)
-        self.context_length = options.context_length or min(DEFAULT_CONTEXT, trained or DEFAULT_CONTEXT)
+        self.context_length = options.context_length or self.default_context_length(self.model_dir)
+
+    @staticmethod
+    def default_context_length(model_dir: Path) -> int:
+        trained = trained_context_length(model_dir)
+        return min(DEFAULT_CONTEXT, trained or DEFAULT_CONTEXT)
+
+    @classmethod
+    def resolve_settings(
+        cls, model_dir: Path, options: EngineOptions, digest: str | None = None
+    ) -> tuple[ResolvedSettings, RunKey]:
+        """Each setting's value and origin for this artifact on this host (see qwenrt.runtimes.settings).
+
+        ``digest`` names the artifact where its manifest is not beside it yet (conversion's staging)."""
+        from qwenrt.host import this_host
+        from qwenrt.runtimes.fingerprint import run_key
+        from qwenrt.runtimes.profiles import load_profile
+
+        key = run_key(cls.name, cls.packages, cls.artifact_path(model_dir), digest)
+        profile = load_profile(key) if options.use_profile and not options.engine_defaults else None
+        settings = resolve(cls.knobs, this_host(), threads=options.threads, given=options.settings,
+                           profile=profile["settings"] if profile else None,
+                           engine_defaults=options.engine_defaults)  # fmt: skip
+        return settings, key
 
     @staticmethod
     def model_not_found(model_dir: Path, artifact: str) -> ModelNotFoundError:

@@ -12,11 +12,13 @@ from qwenrt.errors import ModelNotFoundError, QwenrtError
 from qwenrt.manifest import read_manifest
 from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig, TokenRelay
 from qwenrt.runtimes.byte_vocab import token_byte_table
+from qwenrt.runtimes.settings import ResolvedSettings
 
 
 class TransformersEngine(Engine):
     name = "transformers"
     description = "transformers FP32 generate on the source checkpoint (baseline)"
+    packages = ("transformers", "torch")
 
     @classmethod
     def artifact_path(cls, model_dir: Path) -> Path:
@@ -37,8 +39,10 @@ class TransformersEngine(Engine):
             "convert again with this version of qwenrt, or pass the checkpoint folder as --model"
         )
 
-    def __init__(self, model_dir: Path, options: EngineOptions = EngineOptions()) -> None:
-        super().__init__(model_dir, options)
+    def __init__(
+        self, model_dir: Path, options: EngineOptions = EngineOptions(), settings: ResolvedSettings | None = None
+    ) -> None:
+        super().__init__(model_dir, options, settings)
         try:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer

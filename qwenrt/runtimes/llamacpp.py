@@ -16,35 +16,57 @@ handed to a single thread; the hand-over costs well under 0.1 ms a token.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from qwenrt.errors import ArtifactError
 from qwenrt.manifest import GGUF_KEY, trained_context_length
 from qwenrt.runtimes.base import DEFAULT_CONTEXT, Engine, EngineOptions, GenerationConfig
+from qwenrt.runtimes.probe import SafeFallback
+from qwenrt.runtimes.settings import Knob, ResolvedSettings, Rule
 
-# Prompts are computed 64 tokens at a time, not llama.cpp's 512: its compute buffer holds the
-# attention scores of a micro-batch against the context, which on long prompts decided whether
-# the peak stayed within 1.3x the GGUF: at 3,500 tokens 925 MB with 256, 860 MB with 64, for
-# 0-2 % of prefill (bench/llama_ubatch_long.json; shorter prompts in bench/llama_ubatch.json).
-N_UBATCH = 64
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "draw a seed at random" (llama_cpp.LLAMA_DEFAULT_SEED)
 T = TypeVar("T")
+EXTRA_BUFFER_TYPES = "extra_buffer_types"
+FLASH_ATTENTION = "flash_attention"
+N_UBATCH = "n_ubatch"
 
 
 class LlamaCppEngine(Engine):
     name = "gguf"
     description = "llama.cpp (llama-cpp-python) on GGUF Q8_0"
+    packages = ("llama-cpp-python",)
+    knobs = (
+        # Weight repacking for the CPU's own kernels; on x86 the one that takes Q8_0 is AMX.
+        Knob(EXTRA_BUFFER_TYPES, "repack weights for this CPU's special kernels (AMX on Intel Xeon)",
+             lambda host: (True, False), lambda host: True),
+        Knob(FLASH_ATTENTION, "llama.cpp's fused attention kernel", lambda host: (False, True), lambda host: False),
+        Knob(N_UBATCH, "prompt tokens computed at a time", lambda host: (64, 256, 512), lambda host: 512, rules=(
+            # Its compute buffer holds a micro-batch's attention scores against the context: with 64,
+            # long prompts peak within 1.3x the GGUF for 0-2 % of prefill (BENCHMARKS.md, "llama.cpp
+            # micro-batch size").
+            Rule(64, "keeps a long prompt's peak memory within 1.3x the GGUF (measured)"),),
+             # Only prompts longer than a micro-batch see it: not the short chat turn.
+             objectives=frozenset({"prefill"})),
+    )  # fmt: skip
+    safe_fallbacks = (
+        SafeFallback({EXTRA_BUFFER_TYPES: False}, "llama.cpp's extra buffer types (its AMX kernels here)",
+                     "qwenrt's patched llama-cpp-python runs them: reinstall it with 'make install'"),
+    )  # fmt: skip
 
     @classmethod
     def artifact_path(cls, model_dir: Path) -> Path:
         return cls.manifest_artifact(model_dir, GGUF_KEY, "GGUF model")
 
-    def __init__(self, model_dir: Path, options: EngineOptions = EngineOptions()) -> None:
-        super().__init__(model_dir, options)
+    def __init__(
+        self, model_dir: Path, options: EngineOptions = EngineOptions(), settings: ResolvedSettings | None = None
+    ) -> None:
+        super().__init__(model_dir, options, settings)
         from llama_cpp import Llama
 
         from qwenrt.gguf_check import check_gguf
@@ -56,15 +78,27 @@ class LlamaCppEngine(Engine):
             self.context_length = min(DEFAULT_CONTEXT, facts["context_length"] or DEFAULT_CONTEXT)
         # llama-cpp-python's own defaults (the ladder's "before") are half the logical CPUs for
         # decode and all of them for prompts.
-        threads = {} if options.engine_defaults else {"n_threads": self.threads.threads,
-                                                      "n_threads_batch": self.threads.threads}  # fmt: skip
-        try:
-            # Huge pages need the weights in the engine's own memory: the file's pages are the page cache's.
-            self._llm = Llama(model_path=str(path), n_ctx=self.context_length, n_batch=512, n_ubatch=N_UBATCH,
-                              use_mmap=not options.huge_pages, verbose=False, **threads)  # fmt: skip
-        except (ValueError, RuntimeError) as exc:
-            raise ArtifactError(f"{path}: llama.cpp could not load the model ({exc})") from None
+        threads = self.threads.threads
+        chosen: dict[str, Any] = {} if options.engine_defaults else {"n_threads": threads, "n_threads_batch": threads}
+        if self.resolved.get(N_UBATCH) is not None:
+            chosen["n_ubatch"] = self.resolved.get(N_UBATCH)
+        if self.resolved.get(FLASH_ATTENTION) is not None:
+            chosen["flash_attn"] = self.resolved.get(FLASH_ATTENTION)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama.cpp")
+
+        def load() -> Any:
+            # Huge pages need the weights in the engine's own memory: the file's pages are the page cache's.
+            with _extra_buffer_types(self.resolved.get(EXTRA_BUFFER_TYPES)):
+                return Llama(model_path=str(path), n_ctx=self.context_length, n_batch=512,
+                             use_mmap=not options.huge_pages, verbose=False, **chosen)  # fmt: skip
+
+        try:
+            # On the engine's thread too: repacking weights for the CPU's kernels (AMX) at load runs
+            # OpenMP work, and a team left on the loading thread would be a second one.
+            self._llm = self.on_engine_thread(load)
+        except (ValueError, RuntimeError) as exc:
+            self._compute.shutdown(wait=False)
+            raise ArtifactError(f"{path}: llama.cpp could not load the model ({exc})") from None
         self.path = path
         metadata = self._llm.metadata
         self._chat_template = metadata.get("tokenizer.chat_template", "")
@@ -136,6 +170,8 @@ class LlamaCppEngine(Engine):
             "pinned_cpus": self.threads.pinned_cpus() if self.threads.pin else None,
             "prefix_cache": self.options.prefix_cache,
             "load_mode": llama_load_mode_name(self._llm.model_params.load_mode).decode(),  # "mmap" or "none"
+            "extra_buffer_types": bool(self._llm.model_params.use_extra_bufts),
+            "flash_attention": self._llm.context_params.flash_attn_type == 1,  # LLAMA_FLASH_ATTN_TYPE_ENABLED
             "huge_pages": self.options.huge_pages,
         }
 
@@ -145,6 +181,37 @@ class LlamaCppEngine(Engine):
             self._compute.shutdown(wait=True)
             llm.close()
             self._llm = None
+
+
+_MODEL_PARAMS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _extra_buffer_types(enabled: bool | None) -> Iterator[None]:
+    """Load with llama.cpp's extra buffer types on or off (None: as llama.cpp defaults, on).
+
+    llama-cpp-python takes no argument for ``llama_model_params.use_extra_bufts``; it builds
+    the parameters with ``llama_model_default_params()``, so the switch wraps that function
+    while one model loads.
+    """
+    if enabled is None:
+        yield
+        return
+    import llama_cpp.llama as llama_module
+
+    with _MODEL_PARAMS_LOCK:
+        defaults = llama_module.llama_cpp.llama_model_default_params
+
+        def with_choice() -> Any:
+            params = defaults()
+            params.use_extra_bufts = enabled
+            return params
+
+        llama_module.llama_cpp.llama_model_default_params = with_choice
+        try:
+            yield
+        finally:
+            llama_module.llama_cpp.llama_model_default_params = defaults
 
 
 ENGINE = LlamaCppEngine

@@ -21,16 +21,52 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from qwenrt.errors import ArtifactError, QwenrtError
+from qwenrt.host import Host
 from qwenrt.manifest import OPENVINO_KEY
 from qwenrt.runtimes import mapped_pages
 from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig, TokenRelay
 from qwenrt.runtimes.byte_vocab import token_byte_table
+from qwenrt.runtimes.probe import SafeFallback
+from qwenrt.runtimes.settings import Knob, ResolvedSettings, Rule
 
+PRECISION = "INFERENCE_PRECISION_HINT"
+KV_CACHE_PRECISION = "KV_CACHE_PRECISION"
+DYNAMIC_QUANTIZATION = "DYNAMIC_QUANTIZATION_GROUP_SIZE"
 DYNAMIC_QUANTIZATION_GROUP_SIZE = 128
+
+
+@cache
+def plugin_default(name: str) -> str:
+    """What the CPU plugin uses for a property when not told, on this CPU ("bf16", "u8", "32")."""
+    import openvino as ov
+
+    value = ov.Core().get_property("CPU", name)
+    return value.to_string() if hasattr(value, "to_string") else str(value)
+
+
+@cache
+def _capabilities() -> frozenset[str]:
+    import openvino as ov
+
+    return frozenset(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def _precisions(host: Host) -> tuple[str, ...]:
+    capable = _capabilities()
+    return ("f32", *(["bf16"] if "BF16" in capable else []), *(["f16"] if "FP16" in capable else []))
+
+
+def _cache_precisions(host: Host) -> tuple[str, ...]:
+    # A bf16 cache loads only with bf16 arithmetic ("expect kvcache type f32"), which qwenrt's rule
+    # turns off; the candidates are those that run with every precision.
+    return ("u8", "f16", "f32")
+
+
 REQUIRED_FILES = {
     "openvino_model.xml": "the model graph",
     "openvino_model.bin": "the model weights",
@@ -43,6 +79,28 @@ REQUIRED_FILES = {
 class OpenVINOEngine(Engine):
     name = "openvino"
     description = "OpenVINO GenAI LLMPipeline on the INT8 IR"
+    packages = ("openvino", "openvino-genai", "openvino-tokenizers")
+    knobs = (
+        Knob(PRECISION, "the arithmetic of the non-INT8 parts (f32, or bf16/f16 where the CPU has them)",
+             _precisions, lambda host: plugin_default(PRECISION), rules=(
+                 # The plugin picks bf16 on CPUs with AMX; there f32 decodes faster with INT8 weights and
+                 # answers a short prompt sooner (BENCHMARKS.md, "Hosts").
+                 Rule("f32", "the plugin's own default here is lower precision; with INT8 weights f32 decodes "
+                      "faster (measured on an Intel Xeon with AMX)", lambda host: plugin_default(PRECISION) != "f32"),
+             )),
+        Knob(KV_CACHE_PRECISION, "the KV cache's element type", _cache_precisions,
+             lambda host: plugin_default(KV_CACHE_PRECISION)),
+        Knob(DYNAMIC_QUANTIZATION, "activations quantised in groups of this size for the INT8 products (0: off)",
+             lambda host: (0, 32, 64, 128, 256), lambda host: int(plugin_default(DYNAMIC_QUANTIZATION)), rules=(
+                 # Prefill +40 %, decode +7 % over the plugin's default on an Intel Xeon without AMX
+                 # (BENCHMARKS.md, "Tuning").
+                 Rule(DYNAMIC_QUANTIZATION_GROUP_SIZE, "faster prefill and decode than the plugin's 32 (measured on "
+                      "Intel Xeon)", lambda host: host.machine in ("x86_64", "AMD64")),
+             )),
+    )  # fmt: skip
+    safe_fallbacks = (
+        SafeFallback({PRECISION: "f32", DYNAMIC_QUANTIZATION: 0}, "bf16/f16 arithmetic and dynamic quantisation"),
+    )
 
     @classmethod
     def artifact_path(cls, model_dir: Path) -> Path:
@@ -52,8 +110,10 @@ class OpenVINOEngine(Engine):
             raise ArtifactError(f"{folder}: incomplete OpenVINO model, missing {', '.join(missing)}; convert again")
         return folder
 
-    def __init__(self, model_dir: Path, options: EngineOptions = EngineOptions()) -> None:
-        super().__init__(model_dir, options)
+    def __init__(
+        self, model_dir: Path, options: EngineOptions = EngineOptions(), settings: ResolvedSettings | None = None
+    ) -> None:
+        super().__init__(model_dir, options, settings)
         import openvino_genai as ov_genai
 
         path = self.artifact_path(self.model_dir)
@@ -61,10 +121,9 @@ class OpenVINOEngine(Engine):
             "INFERENCE_NUM_THREADS": self.threads.threads,
             "PERFORMANCE_HINT": "LATENCY",
             "ENABLE_CPU_PINNING": self.threads.pin,
-            # Activations quantised in groups of 128 for the INT8 matmuls: prefill +40 %,
-            # decode +7 % over the plugin's default here (BENCHMARKS.md, "Tuning").
-            "DYNAMIC_QUANTIZATION_GROUP_SIZE": DYNAMIC_QUANTIZATION_GROUP_SIZE,
         }  # fmt: skip
+        self._properties.update({knob.name: self.resolved.get(knob.name) for knob in self.knobs
+                                 if self.resolved.get(knob.name) is not None})  # fmt: skip
         self._pipe: Any = None
         self._batcher: _ContinuousBatcher | None = None
         self.path = path
@@ -79,7 +138,9 @@ class OpenVINOEngine(Engine):
                 self._warm_up()
         except RuntimeError as exc:
             self.close()
-            raise _load_error(path, exc) from None
+            chosen = {k.name: self._properties[k.name] for k in self.knobs if self.resolved.values[k.name].origin
+                      in ("command line", "profile") and k.name in self._properties}  # fmt: skip
+            raise _load_error(path, exc, chosen) from None
 
     def _open_pipeline(self, ov_genai: Any) -> None:
         if self.options.parallel > 1:
@@ -325,12 +386,14 @@ class _ContinuousBatcher:
         self.pipe = None
 
 
-def _load_error(path: Path, exc: RuntimeError) -> ArtifactError:
+def _load_error(path: Path, exc: RuntimeError, chosen: dict[str, Any]) -> ArtifactError:
     # OpenVINO's first line names its own source file; the last one says what is wrong.
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     reason = lines[-1][:200] if lines else "unknown error"
+    settings = ", ".join(f"{name}={value}" for name, value in chosen.items())
+    blame = f"with {settings}: another value (--set) may load it; else it" if settings else "it"
     return ArtifactError(
-        f"{path}: OpenVINO could not load the model ({reason}); it may be damaged: convert it again "
+        f"{path}: OpenVINO could not load the model ({reason}); {blame} may be damaged: convert it again "
         "with 'qwenrt convert SOURCE --format openvino --force'"
     )
 

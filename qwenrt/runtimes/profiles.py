@@ -1,0 +1,54 @@
+"""Host profiles: the settings ``qwenrt tune`` chose for an engine on this host, kept for every command.
+
+One JSON file per run key (host, engine build, artifact; :mod:`qwenrt.runtimes.fingerprint`)
+under ``$QWENRT_HOME/profiles``. ``chat``, ``serve`` and ``compare`` open the engine with
+it unless told otherwise; a new CPU, engine build or conversion has none until tuned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qwenrt.paths import cache_root
+from qwenrt.runtimes.fingerprint import RunKey
+
+PROFILE_SCHEMA = "qwenrt.profile/1"
+
+
+def profiles_dir() -> Path:
+    return cache_root() / "profiles"
+
+
+def profile_path(key: RunKey) -> Path:
+    return profiles_dir() / f"{key.engine}-{key.digest}.json"
+
+
+def load_profile(key: RunKey) -> dict[str, Any] | None:
+    """The saved profile for ``key``, or None (none saved, or unreadable: then the rules apply)."""
+    try:
+        profile = json.loads(profile_path(key).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(profile, dict) or profile.get("schema") != PROFILE_SCHEMA:
+        return None
+    return profile if isinstance(profile.get("settings"), dict) else None
+
+
+def save_profile(key: RunKey, settings: dict[str, Any], evidence: dict[str, Any]) -> Path:
+    """Write the profile in one step: a reader never sees half of it."""
+    path = profile_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = {"schema": PROFILE_SCHEMA, "key": key.describe(), "settings": settings, **evidence}
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".profile.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(profile, handle, indent=2)
+            handle.write("\n")
+        os.replace(partial, path)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return path

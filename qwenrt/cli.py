@@ -8,6 +8,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -27,6 +28,13 @@ def main() -> None:
     """Entry point: every failure ends in one line on standard error and a non-zero exit."""
     # --debug is accepted anywhere on the line: the advice "run with --debug" is followed
     # by adding it to the end of the command that failed, not by moving it before the command.
+    from qwenrt.supervise import SUPERVISED, die_with_parent, run_supervised, wants_supervision
+
+    if wants_supervision(sys.argv[1:]):
+        # The engine runs in a child: if native code crashes there, this process still explains.
+        sys.exit(run_supervised(sys.argv[1:]))
+    if os.environ.get(SUPERVISED) == "1":
+        die_with_parent()
     args = sys.argv[1:]
     debug = "--debug" in args
     args = [arg for arg in args if arg != "--debug"]
@@ -147,6 +155,24 @@ def _model_dir(model: Path | None) -> Path:
 
 
 HUGE_PAGES_HELP = "Rebuild the loaded weights in 2 MB pages: faster decode (6-7 %), 1-3 s longer load."
+SET_HELP = ("An engine setting, ahead of the host profile and qwenrt's rules (repeatable; 'qwenrt tune --dry-run' "
+            "lists them), e.g. --set INFERENCE_PRECISION_HINT=bf16.")  # fmt: skip
+
+
+def _parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """NAME=VALUE pairs; a value is read as JSON where it is JSON (true, 64, null), else as text."""
+    import json
+
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise QwenrtError(f"--set takes NAME=VALUE, not {pair!r}")
+        try:
+            settings[name.strip()] = json.loads(text)
+        except ValueError:
+            settings[name.strip()] = text
+    return settings
 
 
 def _engine_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -159,6 +185,7 @@ def _engine_options(command: Callable[..., None]) -> Callable[..., None]:
         click.option("--huge-pages", is_flag=True, help=HUGE_PAGES_HELP),
         click.option("--context-length", type=int, default=None,
                      help="Context window in tokens [default: the model's trained context, at most 4096]."),
+        click.option("--set", "set_values", multiple=True, metavar="NAME=VALUE", help=SET_HELP),
     ]  # fmt: skip
     for option in reversed(options):
         command = option(command)
@@ -178,7 +205,7 @@ def _engine_options(command: Callable[..., None]) -> Callable[..., None]:
 @click.option("-p", "--prompt", default=None, help="Answer this prompt and exit.")
 @click.option("--stats", is_flag=True, help="Show first-token latency and tokens/s after each answer.")
 def chat(runtime: str, model: Path | None, threads: int | None, pin: bool, huge_pages: bool,
-         context_length: int | None, system: str | None, max_tokens: int,
+         context_length: int | None, set_values: tuple[str, ...], system: str | None, max_tokens: int,
          temperature: float, top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...],
          prompt: str | None, stats: bool) -> None:  # fmt: skip
     """Chat with the model, streaming; one-shot with -p or a piped prompt."""
@@ -187,7 +214,8 @@ def chat(runtime: str, model: Path | None, threads: int | None, pin: bool, huge_
 
     config = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               seed=seed, stop=stop)  # fmt: skip
-    options = EngineOptions(threads=threads, pin=pin, context_length=context_length, huge_pages=huge_pages)
+    options = EngineOptions(threads=threads, pin=pin, context_length=context_length, huge_pages=huge_pages,
+                            settings=_parse_settings(set_values))  # fmt: skip
     # A missing model is the likelier mistake: report it before waiting on a piped prompt.
     model_dir = _model_dir(model)
     engine_class(runtime).artifact_path(model_dir)
@@ -239,6 +267,12 @@ def _read_prompt_file(path: Path) -> str:
 @click.option("--timeout", type=float, default=900, show_default=True, help="Seconds allowed per cell.")
 @click.option("--pin", is_flag=True, help="Pin threads to physical cores.")
 @click.option("--huge-pages", is_flag=True, help=HUGE_PAGES_HELP)
+@click.option("--set", "set_values", multiple=True, metavar="NAME=VALUE", help=SET_HELP)
+@click.option(
+    "--engine-defaults",
+    is_flag=True,
+    help="Also measure each engine exactly as its library opens it: what qwenrt's settings are worth.",
+)
 @click.option(
     "--ladder",
     is_flag=True,
@@ -250,7 +284,8 @@ def _read_prompt_file(path: Path) -> str:
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="PNG chart.")
 def compare(model: Path | None, runtimes: str, threads_list: str | None, scenario: str, prompt: str | None,
             prompt_file: Path | None, max_tokens: int, repeat: int, warmup: int, timeout: float, pin: bool,
-            huge_pages: bool, ladder: bool, json_out: Path | None, csv_out: Path | None, markdown_out: Path | None,
+            huge_pages: bool, set_values: tuple[str, ...], engine_defaults: bool, ladder: bool,
+            json_out: Path | None, csv_out: Path | None, markdown_out: Path | None,
             plot_out: Path | None) -> None:  # fmt: skip
     """Measure the engines side by side: first token, prefill, decode, CPU and memory."""
     from qwenrt.compare import report as show
@@ -289,12 +324,24 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
     if prompt is not None and not prompt.strip():
         raise QwenrtError("the prompt is empty")
     scenarios = [None] if prompt is not None else [find_scenario(s.strip()).name for s in scenario.split(",")]
+    given = _parse_settings(set_values)
+    knobs = {name: {knob.name for knob in engine_class(name).knobs} for name in names}
+    unknown = sorted(set(given) - set().union(*knobs.values()))
+    if unknown:
+        raise QwenrtError(f"--set {', '.join(unknown)}: no engine compared has such a setting; "
+                          "'qwenrt tune --dry-run' lists each engine's")  # fmt: skip
     specs = [
         CellSpec(runtime=name, model_dir=str(model_dir), threads=threads, scenario=sc or "custom", prompt=prompt,
-                 max_tokens=max_tokens, repeat=repeat, warmup=warmup, pin=pin,
-                 huge_pages=huge_pages)
+                 max_tokens=max_tokens, repeat=repeat, warmup=warmup, pin=pin, huge_pages=huge_pages,
+                 settings={k: v for k, v in given.items() if k in knobs[name]})
         for sc in scenarios for threads in thread_counts for name in names
     ]  # fmt: skip
+    if engine_defaults:
+        specs += [
+            CellSpec(runtime=name, model_dir=str(model_dir), threads=thread_counts[0], scenario=sc or "custom",
+                     prompt=prompt, max_tokens=max_tokens, repeat=repeat, warmup=warmup, engine_defaults=True)
+            for sc in scenarios for name in names
+        ]  # fmt: skip
     if ladder:
         from qwenrt.compare.ladder import ladder_specs
 
@@ -360,9 +407,9 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
               help="Reuse the KV cache of a conversation's earlier turns.")  # fmt: skip
 @click.option("--no-access-log", is_flag=True, help="Log only qwenrt's line per answer, not every HTTP request.")
 def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, huge_pages: bool,
-          context_length: int | None, parallel: int, host: str, port: int, max_tokens_limit: int, max_queue: int,
-          max_body_bytes: int, api_key: str | None, model_name: str | None, prefix_cache: bool,
-          no_access_log: bool) -> None:  # fmt: skip
+          context_length: int | None, set_values: tuple[str, ...], parallel: int, host: str, port: int,
+          max_tokens_limit: int, max_queue: int, max_body_bytes: int, api_key: str | None, model_name: str | None,
+          prefix_cache: bool, no_access_log: bool) -> None:  # fmt: skip
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions), streaming.
 
     Stops cleanly on SIGTERM or Ctrl-C: answers in flight get up to 10 s to finish.
@@ -377,7 +424,8 @@ def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, huge
         click.echo(f"qwenrt: warning: listening on {host} without --api-key: anyone who can reach it can use it",
                    err=True)  # fmt: skip
     options = EngineOptions(threads=threads, pin=pin, context_length=context_length, parallel=parallel,
-                            prefix_cache=prefix_cache, huge_pages=huge_pages)  # fmt: skip
+                            prefix_cache=prefix_cache, huge_pages=huge_pages,
+                            settings=_parse_settings(set_values))  # fmt: skip
     limits = ServerLimits(max_body_bytes=max_body_bytes, max_tokens=max_tokens_limit, max_queue=max_queue,
                           api_key=api_key)  # fmt: skip
     # Bind before loading the model: a taken port is reported at once, not after the load.
@@ -390,9 +438,88 @@ def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, huge
     serve(engine, model_name or model_dir.name, sock, limits, access_log=not no_access_log)
 
 
+@cli.command()
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Model folder [default: the user cache].")
+@click.option("--runtimes", default=",".join(RUNTIMES), show_default=True, help="Engines to tune.")
+@click.option(
+    "--objective",
+    type=click.Choice(["end-to-end", "first-token", "decode", "prefill"]),
+    default="end-to-end",
+    show_default=True,
+    help="What to make best: a short answer's end-to-end time, its first token, decode or prefill speed.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(1, 20),
+    default=2,
+    show_default=True,
+    help="Interleaved measurements of each candidate.",
+)
+@click.option("--dry-run", is_flag=True, help="List what would be tried, and measure nothing.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write every figure as JSON.")
+def tune(model: Path | None, runtimes: str, objective: str, rounds: int, dry_run: bool,
+         json_out: Path | None) -> None:  # fmt: skip
+    """Measure each engine's settings on this host and save the best as its profile.
+
+    chat, serve and compare then use the profile by default. Each candidate runs in a
+    fresh process; candidates take turns, so that noise falls on all of them alike.
+    """
+    import json
+
+    from qwenrt.host import this_host
+    from qwenrt.runtimes import engine_class
+    from qwenrt.runtimes.profiles import save_profile
+    from qwenrt.tune import report
+    from qwenrt.tune.search import OBJECTIVES, plan, starting_config, tune_engine
+
+    model_dir = _model_dir(model)
+    engines = [engine_class(name.strip()) for name in runtimes.split(",") if name.strip()]
+    if not engines:
+        raise QwenrtError("--runtimes is empty")
+    for engine in engines:
+        engine.artifact_path(model_dir)  # a missing artifact fails now, not after minutes of measuring
+    if json_out is not None:
+        _check_output(json_out)
+    goal = OBJECTIVES[objective]
+    host = this_host()
+    click.echo(report.host_line(host))
+    click.echo(f"objective: {goal.description}")
+    results = []
+    live = sys.stderr.isatty()
+
+    def progress(text: str) -> None:
+        click.echo(f"\r\033[K{text}" if live else text, nl=not live, err=True)
+
+    for engine in engines:
+        start, key = starting_config(engine, model_dir)
+        if dry_run:
+            click.echo(
+                "\n" + report.render_plan(engine.name, key.engine_build, plan(engine, goal), start, goal, rounds)
+            )
+            continue
+        result = tune_engine(engine, model_dir, goal, rounds=rounds, progress=progress)
+        if live:
+            click.echo("\r\033[K", nl=False, err=True)
+        evidence = {"objective": goal.name, "created": datetime_now(), "tuned": result.describe()}
+        saved = save_profile(result.key, result.winner, evidence)
+        click.echo("\n" + report.render_result(result, str(saved)))
+        results.append(result.describe())
+    if json_out is not None and not dry_run:
+        document = {"schema": "qwenrt.tune/1", "host": host.describe(), "objective": goal.name, "engines": results}
+        json_out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        click.echo(f"wrote {json_out}", err=True)
+
+
+def datetime_now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 # The ladder's steps are the write-up's own settings: these options would be silently dropped.
 _LADDER_SETS = {"runtimes": "--runtimes", "threads_list": "--threads", "scenario": "--scenario", "prompt": "--prompt",
-                "prompt_file": "--prompt-file", "pin": "--pin", "huge_pages": "--huge-pages"}  # fmt: skip
+                "prompt_file": "--prompt-file", "pin": "--pin", "huge_pages": "--huge-pages", "set_values": "--set",
+                "engine_defaults": "--engine-defaults"}  # fmt: skip
 
 
 def _refuse_options_the_ladder_sets() -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 from conftest import ENGINES, QWENRT
 from helpers import anonymous_huge_page_bytes, kernel_collapses
@@ -157,10 +158,17 @@ class Server:
             self.kill()
             raise AssertionError(f"the server did not stop within {timeout} s of SIGTERM:\n{self.tail()}") from None
 
+    def engine_process(self) -> psutil.Process:
+        """The process that runs the engine: the child that qwenrt's supervising process waits for."""
+        children = psutil.Process(self.process.pid).children()
+        return next(child for child in children if "qwenrt.cli" in " ".join(child.cmdline()))
+
     def kill(self) -> None:
         if hasattr(self, "http"):
             self.http.close()
         if self.process.poll() is None:
+            with contextlib.suppress(psutil.Error, StopIteration):
+                self.engine_process().kill()
             self.process.kill()
             self.process.wait()
 
@@ -730,7 +738,7 @@ def test_huge_pages_server_answers_as_the_engine(runtime: str, serve_model: Path
     with running(runtime, serve_model, tmp_path / "server.log", "--huge-pages", "--parallel", str(PARALLEL)) as server:
         answer = server.client().chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=24, temperature=0)
         assert answer.choices[0].message.content == expected.text
-        in_huge_pages = anonymous_huge_page_bytes(server.process.pid)
+        in_huge_pages = anonymous_huge_page_bytes(server.engine_process().pid)
         assert_stopped_cleanly(server)
     # Where the kernel can collapse, the loaded server's memory sits in 2 MB pages (which
     # this machine, transparent huge pages on request only, gives a plain server none of).
@@ -930,3 +938,27 @@ def test_demo_model_answers_two_clients_at_once(runtime: str, demo_model: Path, 
         assert (health["completed"], health["failed"]) == (2, 0), health
         assert health["peak_active"] == (2 if runtime == "openvino" else 1), health
         assert_stopped_cleanly(server)
+
+
+def test_an_engine_crash_ends_the_server_with_one_line(serve_model: Path, tmp_path: Path) -> None:
+    """A native crash while serving (here a real SIGSEGV in the engine's process) ends in a message
+    from qwenrt's supervising process, and the next start probes the engine's settings again."""
+    from qwenrt.runtimes import engine_class
+    from qwenrt.runtimes.probe import ProbeRecord
+
+    engine = engine_class("gguf")
+    settings, key = engine.resolve_settings(serve_model, EngineOptions(threads=1))
+    signature = settings.signature(engine.knobs)
+    server = Server("gguf", serve_model, tmp_path / "server.log")
+    try:
+        started = ProbeRecord(key).outcome(signature)
+        assert started is not None and started["ok"] is True, "the server opened settings never probed"
+        server.engine_process().send_signal(signal.SIGSEGV)
+        assert server.process.wait(timeout=60) == 1
+    finally:
+        server.kill()
+    lines = [line for line in server.output().splitlines() if line.strip()]
+    assert lines[-1].startswith("qwenrt: error: llama.cpp"), server.tail()
+    assert "crashed (SIGSEGV, segmentation fault) while running" in lines[-1]
+    assert "Traceback" not in server.output()
+    assert ProbeRecord(key).outcome(signature) is None

@@ -72,7 +72,33 @@ def _megabytes(value: int | None) -> float | None:
 
 
 def cell_label(cell: dict[str, Any]) -> str:
+    if cell.get("engine_defaults"):
+        return f"{cell['runtime']}, engine defaults"
     return f"{cell['runtime']} ×{cell['threads']}"
+
+
+def settings_line(cell: dict[str, Any]) -> str:
+    """The settings a cell ran with and where each came from: ``name=value [origin]``."""
+    resolved = cell.get("resolved") or {}
+    parts = []
+    for name, setting in resolved.items():
+        value = setting.get("effective", setting["value"])
+        shown = "engine's choice" if value is None else json.dumps(value)
+        parts.append(f"{name}={shown} [{setting['origin']}]")
+    return f"{cell_label(cell)}: " + (", ".join(parts) if parts else "–")
+
+
+def tuning_line(report: dict[str, Any]) -> str | None:
+    """Whether the settings were measured on this host ('qwenrt tune') or come from rules."""
+    ok = [c for c in report["cells"] if c["status"] == "ok" and not c.get("engine_defaults") and c.get("resolved")]
+    if not ok:
+        return None
+    tuned = sorted({c["runtime"] for c in ok if any(s["origin"] == "profile" for s in c["resolved"].values())})
+    untuned = sorted({c["runtime"] for c in ok} - set(tuned))
+    if not untuned:
+        return "settings marked [profile] were measured on this host by 'qwenrt tune'"
+    return (f"this host is untuned for {', '.join(untuned)}: its settings come from qwenrt's rules and the engine's "
+            "defaults; 'qwenrt tune' measures them here, and --engine-defaults shows what they are worth")  # fmt: skip
 
 
 def _format(metric: Metric, cell: dict[str, Any]) -> str:
@@ -103,29 +129,54 @@ def table_rows(cells: list[dict[str, Any]], mark: str = " ◀") -> list[list[str
     return rows
 
 
+_RATIOS = (("decode_tps", "decode", True, "faster"), ("first_token_s", "first token", False, "sooner"),
+           ("prefill_tps", "prefill", True, "faster"))  # fmt: skip
+
+
+def _ratio_text(a: dict[str, Any], b: dict[str, Any], key: str, noun: str, higher: bool, verb: str) -> str | None:
+    """'noun R× verb' for ``a`` against ``b`` (a is the better one), with noise called out."""
+    sa, sb = a.get(key), b.get(key)
+    if not sa or not sb:
+        return None
+    ratio = (sa["median"] / sb["median"]) if higher else (sb["median"] / sa["median"])
+    noise = (sa["stdev"] + sb["stdev"]) >= abs(sa["median"] - sb["median"])
+    return f"{noun} {ratio:.2f}× {verb}" + (" (within noise)" if noise else "")
+
+
 def verdicts(report: dict[str, Any]) -> list[str]:
-    """Plain-words ratios between engines at the same thread count, with noise called out."""
+    """Plain-words ratios: at each thread count, the best engine of each measure against every other
+    one; and each engine with qwenrt's settings against its own defaults."""
     lines = []
     ok = [c for c in report["cells"] if c["status"] == "ok"]
-    for scenario, threads in sorted({(c["scenario"], c["threads"]) for c in ok}):
-        same = [c for c in ok if (c["scenario"], c["threads"]) == (scenario, threads)]
-        if len(same) < 2:
+    measured = [c for c in ok if not c.get("engine_defaults")]
+    for scenario, threads in sorted({(c["scenario"], c["threads"]) for c in measured}):
+        same = [c for c in measured if (c["scenario"], c["threads"]) == (scenario, threads)]
+        if len({c["runtime"] for c in same}) < 2:
             continue
-        a, b = same[0], same[1]
         parts = []
-        for key, noun, higher in (("decode_tps", "decode", True), ("first_token_s", "first token", False),
-                                  ("prefill_tps", "prefill", True)):  # fmt: skip
-            sa, sb = a.get(key), b.get(key)
-            if not sa or not sb:
+        for key, noun, higher, verb in _RATIOS:
+            ranked = [c for c in same if c.get(key)]
+            if len(ranked) < 2:
                 continue
-            winner, loser = (a, b) if (sa["median"] > sb["median"]) == higher else (b, a)
-            w, lo = winner[key], loser[key]
-            ratio = (w["median"] / lo["median"]) if higher else (lo["median"] / w["median"])
-            noise = (w["stdev"] + lo["stdev"]) >= abs(w["median"] - lo["median"])
-            verb = {"decode": "faster", "first token": "sooner", "prefill": "faster"}[noun]
-            text = f"{winner['runtime']}: {noun} {ratio:.2f}× {verb}"
-            parts.append(text + (" (within noise)" if noise else ""))
+            best = max(ranked, key=lambda c: c[key]["median"] if higher else -c[key]["median"])
+            for other in ranked:
+                if other is not best:
+                    text = _ratio_text(best, other, key, noun, higher, verb)
+                    parts.append(f"{best['runtime']}: {text} than {other['runtime']}")
         lines.append(f"{scenario}, {threads} thread{'s' if threads > 1 else ''}: " + "; ".join(parts))
+    for defaults in (c for c in ok if c.get("engine_defaults")):
+        where = (defaults["runtime"], defaults["scenario"])
+        tuned = next((c for c in measured if (c["runtime"], c["scenario"]) == where), None)
+        if tuned is None:
+            continue
+        parts = []
+        for key, noun, higher, verb in _RATIOS:
+            if tuned.get(key) and defaults.get(key):
+                better = (tuned[key]["median"] > defaults[key]["median"]) == higher
+                text = _ratio_text(*((tuned, defaults) if better else (defaults, tuned)), key, noun, higher, verb)
+                parts.append(text if better else f"{text}, for the engine's defaults")
+        lines.append(f"{tuned['runtime']}, {tuned['scenario']}: qwenrt's settings against the engine's own "
+                     f"defaults: " + "; ".join(parts))  # fmt: skip
     for row in report.get("agreement", []):
         share = row["identical_token_share"]
         if share is None:
@@ -205,9 +256,11 @@ def render_terminal(report: dict[str, Any]) -> str:
     for cells in by_scenario(ok):
         out += ["", scenario_line(cells[0])]
         out.append(tabulate(table_rows(cells), headers=["metric"] + [cell_label(c) for c in cells], tablefmt="simple"))
+        out += ["settings:"] + [f"  {settings_line(c)}" for c in cells if c.get("resolved")]
     if ok:
         line = bandwidth_line(report)
-        out += [""] + ([line] if line else []) + verdicts(report)
+        tuning = tuning_line(report)
+        out += [""] + ([line] if line else []) + ([tuning] if tuning else []) + verdicts(report)
     for cell in report["cells"]:
         if cell["status"] != "ok":
             out.append(f"FAILED {cell_label(cell)}: {cell['error']}")
@@ -249,8 +302,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(tabulate(table_rows(cells, mark=" **◀**"), headers=["metric"] + [cell_label(c) for c in cells],
                               tablefmt="github"))  # fmt: skip
         lines.append("")
+        lines += [f"- settings of {settings_line(c)}" for c in cells if c.get("resolved")] + [""]
     line = bandwidth_line(report)
-    lines += [f"- {line}" for line in ([line] if line else []) + verdicts(report)]
+    tuning = tuning_line(report)
+    lines += [f"- {line}" for line in ([line] if line else []) + ([tuning] if tuning else []) + verdicts(report)]
     lines += [f"- FAILED {cell_label(c)}: {c['error']}" for c in report["cells"] if c["status"] != "ok"]
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,74 @@
+"""Show what ``qwenrt tune`` measured and chose: presentation only (the figures come from search)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tabulate import tabulate
+
+from qwenrt.host import Host
+from qwenrt.tune.search import Candidate, Objective, Step, TuneResult
+
+
+def host_line(host: Host) -> str:
+    features = ", ".join(host.features()) or "no AVX-512/AMX features"
+    return f"{host.cpu} · {host.physical_cores} physical cores · {features} · host key {host.key}"
+
+
+def render_plan(engine: str, build: str, steps: list[tuple[str, tuple[Any, ...]]], start: dict[str, Any],
+                objective: Objective, rounds: int) -> str:  # fmt: skip
+    rows = [[name, _value(start.get(name)), ", ".join(_value(v) for v in values)] for name, values in steps]
+    trials = 2 + sum(len(values) - 1 for _, values in steps)  # the start, each new value, the engine's defaults
+    return "\n".join([
+        f"{engine} ({build}): starts from qwenrt's rules, one setting at a time; {rounds} interleaved rounds of "
+        f"'{objective.description}'; then against the engine's own defaults (about {trials} candidate processes)",
+        tabulate(rows, headers=["setting", "start", "candidates"], tablefmt="simple"),
+    ])  # fmt: skip
+
+
+def _value(value: Any) -> str:
+    return "engine default" if value is None else json.dumps(value)
+
+
+def _figure(candidate: Candidate, objective: Objective) -> str:
+    if candidate.failed:
+        return f"crashed: {candidate.signal}" if candidate.signal else "failed (below)"
+    return f"{candidate.median:.3g}" if candidate.median is not None else "–"
+
+
+def _rounds(candidate: Candidate) -> str:
+    return " ".join("–" if v is None else f"{v:.3g}" for v in candidate.values)
+
+
+def step_rows(step: Step, objective: Objective) -> list[list[str]]:
+    rows = []
+    for index, candidate in enumerate(step.candidates):
+        if candidate.config.get("engine_defaults"):
+            value = "the engine's own defaults"
+        else:
+            value = _value(candidate.config.get(step.knob))
+        chosen = candidate is step.chosen
+        rows.append([step.knob if index == 0 else "", value + (" ◀" if chosen else ""),
+                     _figure(candidate, objective), _rounds(candidate)])  # fmt: skip
+    return rows
+
+
+def render_result(result: TuneResult, saved: str | None) -> str:
+    objective = result.objective
+    headers = ["setting", "value", f"{objective.name} ({objective.unit}), median", "rounds"]
+    rows: list[list[str]] = []
+    for step in result.steps:
+        rows += step_rows(step, objective)
+    lines = [f"{result.engine} ({result.key.engine_build}), {result.seconds:.0f} s",
+             tabulate(rows, headers=headers, tablefmt="simple")]  # fmt: skip
+    for step in result.steps:
+        lines.append(f"  {step.knob}: {step.why}")
+        lines += [f"    {_value(c.config.get(step.knob))} failed: {c.failed}" for c in step.candidates
+                  if c.failed and not c.signal]  # fmt: skip
+    if result.versus_defaults is not None:
+        versus = result.versus_defaults
+        lines.append(f"  against the engine's own defaults: {versus.why}")
+    chosen = ", ".join(f"{name}={_value(value)}" for name, value in result.winner.items())
+    lines.append(f"  profile: {chosen}" + (f"\n  saved to {saved}" if saved else ""))
+    return "\n".join(lines)

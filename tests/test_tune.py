@@ -1,0 +1,136 @@
+"""qwenrt tune, end to end on the tiny model: candidates in their own processes, a profile every command uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import QWENRT
+
+from qwenrt.host import this_host
+from qwenrt.runtimes import EngineOptions, engine_class, open_engine
+from qwenrt.runtimes.probe import CRASH_SWITCH, ProbeRecord
+from qwenrt.runtimes.profiles import load_profile
+from qwenrt.tune.search import MIN_GAIN, OBJECTIVES, Candidate, _choose, thread_candidates
+
+
+def run(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*QWENRT, *args], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "QWENRT_HOME": str(home), **env})  # fmt: skip
+
+
+def test_dry_run_lists_every_setting_and_measures_nothing(tiny_model: Path, tmp_path: Path) -> None:
+    result = run("tune", "--model", str(tiny_model), "--dry-run", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in ("threads", "extra_buffer_types", "flash_attention", "INFERENCE_PRECISION_HINT",
+                 "KV_CACHE_PRECISION", "DYNAMIC_QUANTIZATION_GROUP_SIZE"):  # fmt: skip
+        assert name in result.stdout
+    assert this_host().cpu in result.stdout
+    assert "n_ubatch" not in result.stdout  # a short prompt fits in one micro-batch: nothing to measure
+    assert "n_ubatch" in run("tune", "--model", str(tiny_model), "--dry-run", "--objective", "prefill",
+                             home=tmp_path).stdout  # fmt: skip
+    assert not (tmp_path / "profiles").exists()
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    """Both engines tuned on the tiny model, with llama.cpp's flash attention crashing on purpose."""
+    home = tmp_path_factory.mktemp("tuned-home")
+    out = home / "tune.json"
+    result = run("tune", "--model", str(tiny_model), "--rounds", "1", "--json", str(out), home=home,
+                 **{CRASH_SWITCH: "gguf:flash_attention=true"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return home, json.loads(out.read_text()), result.stdout
+
+
+def test_tune_measures_each_candidate_and_saves_the_winners(tuned: tuple[Path, dict, str], tiny_model: Path) -> None:
+    home, document, stdout = tuned
+    assert document["schema"] == "qwenrt.tune/1" and document["host"]["key"] == this_host().key
+    engines = {entry["engine"]: entry for entry in document["engines"]}
+    assert set(engines) == {"gguf", "openvino"}
+    for name, entry in engines.items():
+        tried = {step["knob"] for step in entry["steps"]}
+        assert "threads" in tried
+        for step in entry["steps"]:
+            assert step["why"]
+            for candidate in step["candidates"]:
+                assert candidate["failed"] or len(candidate["values"]) == 1
+        versus = entry["versus_engine_defaults"]
+        assert [c["config"].get("engine_defaults", False) for c in versus["candidates"]] == [False, True]
+        saved = json.loads(next((home / "profiles").glob(f"{name}-*.json")).read_text())
+        assert saved["settings"] == entry["winner"]
+        assert saved["key"]["cpu"] == this_host().cpu
+    assert "profile:" in stdout and "saved to" in stdout
+
+
+def test_a_crashing_candidate_is_out_and_remembered(tuned: tuple[Path, dict, str], tiny_model: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    home, document, _ = tuned
+    gguf = next(entry for entry in document["engines"] if entry["engine"] == "gguf")
+    step = next(step for step in gguf["steps"] if step["knob"] == "flash_attention")
+    crashed = next(c for c in step["candidates"] if c["config"]["flash_attention"] is True)
+    assert crashed["signal"] == "SIGILL"
+    assert step["chosen"]["flash_attention"] is False
+    monkeypatch.setenv("QWENRT_HOME", str(home))
+    _, key = engine_class("gguf").resolve_settings(tiny_model, EngineOptions())
+    outcomes = ProbeRecord(key).outcomes().values()
+    assert any(o["ok"] is False and o["signal"] == "SIGILL" for o in outcomes)
+
+
+def test_commands_use_the_profile_and_say_so(tuned: tuple[Path, dict, str], tiny_model: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    home, document, _ = tuned
+    monkeypatch.setenv("QWENRT_HOME", str(home))
+    for name in ("gguf", "openvino"):
+        winner = next(entry for entry in document["engines"] if entry["engine"] == name)["winner"]
+        engine = open_engine(name, tiny_model)
+        with engine:
+            origins = {setting: value.origin for setting, value in engine.resolved.values.items()}
+            assert set(origins.values()) == {"profile"}, origins
+            assert engine.resolved.plain() == winner
+        # The command line still wins over the profile.
+        with open_engine(name, tiny_model, EngineOptions(threads=1)) as engine:
+            assert engine.resolved.values["threads"].origin == "command line"
+    result = run("compare", "--model", str(tiny_model), "--max-tokens", "8", "--repeat", "1", "--warmup", "0",
+                 home=home)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "[profile]" in result.stdout and "measured on this host by 'qwenrt tune'" in result.stdout
+
+
+def test_a_profile_belongs_to_its_host_engine_build_and_artifact(tuned: tuple[Path, dict, str], tiny_model: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    home, _, _ = tuned
+    monkeypatch.setenv("QWENRT_HOME", str(home))
+    _, key = engine_class("gguf").resolve_settings(tiny_model, EngineOptions())
+    assert load_profile(key) is not None
+    from dataclasses import replace
+
+    assert load_profile(replace(key, engine_build="llama-cpp-python 9.9.9")) is None
+    assert load_profile(replace(key, artifact="sha256:another")) is None
+    assert load_profile(replace(key, host=replace(key.host, flags=key.host.flags | {"amx_fp16"}))) is None
+
+
+def test_noise_never_moves_a_setting() -> None:
+    goal = OBJECTIVES["end-to-end"]
+    current = Candidate({"threads": 2}, values=[3.00, 3.00, 3.00])
+    barely = Candidate({"threads": 1}, values=[2.99, 2.98, 2.99])  # better by less than MIN_GAIN
+    assert _choose("threads", [current, barely], goal).chosen is current
+    lucky = Candidate({"threads": 1}, values=[2.0, 3.1, 3.2])  # one lucky round of three
+    assert _choose("threads", [current, lucky], goal).chosen is current
+    better = Candidate({"threads": 1}, values=[2.5, 2.6, 3.1])
+    step = _choose("threads", [current, better], goal)
+    assert step.chosen is better and f"more than {MIN_GAIN:.0%} in 2 of 3 rounds" in step.why
+    crashed = Candidate({"threads": 2}, failed="worker crashed inside the engine: SIGILL", signal="SIGILL")
+    assert _choose("threads", [crashed, better], goal).chosen is better
+
+
+def test_thread_candidates_cover_small_boxes_fully_and_big_ones_sparsely() -> None:
+    from dataclasses import replace
+
+    host = this_host()
+    assert thread_candidates(replace(host, physical_cores=2)) == (1, 2)
+    assert thread_candidates(replace(host, physical_cores=12)) == (1, 2, 4, 8, 12)

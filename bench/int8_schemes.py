@@ -16,6 +16,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from qwenrt.compare.measure import CellSpec
+from qwenrt.compare.report import ok_cells
 from qwenrt.compare.runner import run_comparison
 from qwenrt.convert.checkpoint import Checkpoint
 from qwenrt.convert.openvino_int8 import Int8Scheme, export_openvino_int8
@@ -54,18 +55,18 @@ def main() -> None:
             for name, folder in folders.items()
         ]  # fmt: skip
     report = run_comparison(specs, progress=lambda text: print(text, file=sys.stderr))
-    reference = {c["scenario"]: c["token_ids"] for c in report["cells"] if c.get("label") == "fp32"}
+    reference = {c.scenario: c.token_ids for c in ok_cells(report) if c.label == "fp32"}
     rows, results = [], []
-    for cell in report["cells"]:
-        if cell.get("label") == "fp32" or cell["status"] != "ok":
+    for cell in ok_cells(report):
+        if cell.label == "fp32" or cell.decode_tps is None:
             continue
-        ref = reference[cell["scenario"]]
-        same = sum(a == b for a, b in zip(cell["token_ids"], ref, strict=False)) / len(ref)
-        first = next((i for i, (a, b) in enumerate(zip(cell["token_ids"], ref, strict=False)) if a != b), None)
+        ref = reference[cell.scenario]
+        same = sum(a == b for a, b in zip(cell.token_ids, ref, strict=False)) / len(ref)
+        first = next((i for i, (a, b) in enumerate(zip(cell.token_ids, ref, strict=False)) if a != b), None)
         result = {
-            "scheme": cell["label"], "scenario": cell["scenario"], "decode_tps": cell["decode_tps"]["median"],
-            "decode_stdev": cell["decode_tps"]["stdev"], "first_token_ms": cell["first_token_s"]["median"] * 1000,
-            "artifact_mb": cell["artifact_bytes"] / 1e6, "identical_to_fp32": same, "first_difference": first,
+            "scheme": cell.label, "scenario": cell.scenario, "decode_tps": cell.decode_tps.median,
+            "decode_stdev": cell.decode_tps.stdev, "first_token_ms": cell.first_token_s.median * 1000,
+            "artifact_mb": cell.artifact_bytes / 1e6, "identical_to_fp32": same, "first_difference": first,
         }  # fmt: skip
         results.append(result)
         rows.append([result["scheme"], result["scenario"], f"{result['decode_tps']:.1f} ±{result['decode_stdev']:.1f}",

@@ -25,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from qwenrt.compare.measure import peak_rss_bytes
 from qwenrt.manifest import GGUF_KEY, artifact_files
 from qwenrt.paths import default_model_dir
+from qwenrt.procfs import peak_rss_bytes
 
 UBATCHES = (512, 256, 128)
 PROMPTS = (128, 512, 1024)
@@ -73,9 +73,9 @@ def qwenrt_cell(model: Path, n_ubatch: int, prompt_tokens: int) -> dict:
     cell = run_cell(CellSpec(runtime="gguf", model_dir=str(model), threads=THREADS, scenario=f"prompt-{prompt_tokens}",
                              prompt=prompt, max_tokens=16, repeat=2, warmup=1,
                              settings={"n_ubatch": n_ubatch}))  # fmt: skip
-    assert cell["settings"]["n_ubatch"] == n_ubatch
-    return {"n_ubatch": n_ubatch, "prompt_tokens": cell["prompt_tokens"], "prefill_tps": cell["prefill_tps"]["median"],
-            "peak_rss_bytes": cell["peak_rss_bytes"], "artifact_bytes": cell["artifact_bytes"]}  # fmt: skip
+    assert cell.settings["n_ubatch"] == n_ubatch
+    return {"n_ubatch": n_ubatch, "prompt_tokens": cell.prompt_tokens, "prefill_tps": cell.prefill_tps.median,
+            "peak_rss_bytes": cell.peak_rss_bytes, "artifact_bytes": cell.artifact_bytes}  # fmt: skip
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from qwenrt.compare.measure import CellSpec
+from qwenrt.compare.report import ok_cells, to_json
 from qwenrt.compare.runner import environment, run_comparison
 from qwenrt.paths import default_model_dir
 from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, open_engine
@@ -167,28 +168,27 @@ def main() -> None:
 
     overhead = adapter_overhead(args.model, threads, args.tokens, args.pairs)
     comparison = cells(args.model, args)
-    short = {c["runtime"]: c for c in comparison["cells"]
-             if c["status"] == "ok" and c["scenario"] == "short" and c["threads"] == threads}  # fmt: skip
+    short = {c.runtime: c for c in ok_cells(comparison) if c.scenario == "short" and c.threads == threads}
     # compare measures the bandwidth once its cells are done and gives each cell its ceiling.
     bandwidth = comparison["memory_bandwidth_bytes_per_s"][str(threads)]
     ceiling = {
         name: {
-            "bytes_per_token": cell["decode_ceiling"]["bytes_per_token"],
-            "ceiling_tps": cell["decode_ceiling"]["ceiling_tps"],
-            "decode_tps": cell["decode_tps"]["median"],
-            "share_of_ceiling": cell["decode_ceiling"]["share"],
+            "bytes_per_token": cell.decode_ceiling.bytes_per_token,
+            "ceiling_tps": cell.decode_ceiling.ceiling_tps,
+            "decode_tps": cell.decode_tps.median,
+            "share_of_ceiling": cell.decode_ceiling.share,
         }
         for name, cell in short.items()
     }
     results = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
-        "environment": environment(args.model),
+        "environment": environment(args.model, ["gguf", "openvino"]),
         "threads": threads,
         "adapter_overhead": overhead,
         "memory_bandwidth_bytes_per_s": bandwidth,
         "ceiling": ceiling,
-        "comparison": comparison,
+        "comparison": to_json(comparison),
     }
     previous = json.loads(args.out.read_text()) if args.out.exists() else None
     args.out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
@@ -200,7 +200,7 @@ def main() -> None:
 def render(results: dict[str, Any], previous: dict[str, Any] | None) -> str:
     from tabulate import tabulate
 
-    from qwenrt.compare.report import render_markdown
+    from qwenrt.compare.report import from_json, render_markdown
 
     lines = [f"Run {results['created']}, `{results['command']}`, {results['threads']} threads.", "",
              "### Adapter overhead (qwenrt streaming vs the engine's own loop)", ""]  # fmt: skip
@@ -231,7 +231,7 @@ def render(results: dict[str, Any], previous: dict[str, Any] | None) -> str:
                 lines.append(f"- {name} decode: {before:.1f} → {now['decode_tps']:.1f} tok/s "
                              f"({now['decode_tps'] / before - 1:+.0%})")  # fmt: skip
     lines += ["", "### Cells (thread scaling, prefill by prompt length, memory)", ""]
-    lines.append(render_markdown(results["comparison"]).replace("# qwenrt compare", "").strip())
+    lines.append(render_markdown(from_json(results["comparison"])).replace("# qwenrt compare", "").strip())
     return "\n".join(lines) + "\n"
 
 

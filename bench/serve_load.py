@@ -185,7 +185,7 @@ def main() -> None:
         "threads": threads,
         "max_tokens": args.max_tokens,
         "requests_per_client": args.requests_per_client,
-        "environment": environment(model),
+        "environment": environment(model, ["gguf", "openvino"]),
         "servers": {},
     }
     for runtime in ("gguf", "openvino"):

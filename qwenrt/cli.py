@@ -14,14 +14,31 @@ import click
 
 from qwenrt import __version__
 from qwenrt.errors import ArtifactError, ModelNotFoundError, QwenrtError
+from qwenrt.manifest import ARTIFACT_KEYS
 from qwenrt.paths import default_model_dir
-
-RUNTIMES = ["gguf", "openvino"]
+from qwenrt.runtimes import batching_engine_names, converted_engine_names, engine_class
 
 
 def _fail(message: str, code: int) -> None:
     click.echo(f"qwenrt: error: {message}", err=True)
     sys.exit(code)
+
+
+def _registered_engines() -> list[str]:
+    """Every engine the registry knows that runs a converted artifact; the command line names no
+    engine itself. An engine module that cannot be imported is the user's one-line error."""
+    try:
+        return converted_engine_names()
+    except QwenrtError as exc:
+        _fail(str(exc), exc.exit_code)
+        raise
+
+
+RUNTIMES = _registered_engines()
+RUNTIME_CHOICE = click.Choice(
+    sorted({*RUNTIMES, *(alias for name in RUNTIMES for alias in engine_class(name).aliases)})
+)
+RUNTIMES_HELP = "; ".join(f"{name}: {engine_class(name).description}" for name in RUNTIMES)
 
 
 def main() -> None:
@@ -113,7 +130,7 @@ def cli(debug: bool) -> None:
     default=None,
     help="Model folder to write [default: the user cache, found by every command].",
 )
-@click.option("--format", "fmt", type=click.Choice(["gguf", "openvino", "all"]), default="all", show_default=True)
+@click.option("--format", "fmt", type=click.Choice([*ARTIFACT_KEYS, "all"]), default="all", show_default=True)
 @click.option("--force", is_flag=True, help="Convert again even if the artifacts are complete.")
 @click.option("--no-verify", is_flag=True, help="Do not load the new artifacts in their engines.")
 @click.option(
@@ -154,7 +171,7 @@ def _model_dir(model: Path | None) -> Path:
     return path
 
 
-HUGE_PAGES_HELP = "Rebuild the loaded weights in 2 MB pages: faster decode (6-7 %), 1-3 s longer load."
+HUGE_PAGES_HELP = "Rebuild the loaded weights in 2 MB pages: a few per cent faster decode, seconds longer load."
 SET_HELP = ("An engine setting, ahead of the host profile and qwenrt's rules (repeatable; 'qwenrt tune --dry-run' "
             "lists them), e.g. --set INFERENCE_PRECISION_HINT=bf16.")  # fmt: skip
 
@@ -193,7 +210,7 @@ def _engine_options(command: Callable[..., None]) -> Callable[..., None]:
 
 
 @cli.command()
-@click.option("--runtime", type=click.Choice(RUNTIMES), default="gguf", show_default=True)
+@click.option("--runtime", type=RUNTIME_CHOICE, default=RUNTIMES[0], show_default=True, help=RUNTIMES_HELP)
 @_engine_options
 @click.option("--system", default=None, help="System message.")
 @click.option("--max-tokens", type=int, default=512, show_default=True)
@@ -254,7 +271,12 @@ def _read_prompt_file(path: Path) -> str:
 
 @cli.command()
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="Model folder [default: the user cache].")
-@click.option("--runtimes", default=",".join(RUNTIMES), show_default=True, help="Engines to compare.")
+@click.option(
+    "--runtimes",
+    default=",".join(RUNTIMES),
+    show_default=True,
+    help=f"Engines to compare, separated by commas ({RUNTIMES_HELP}).",
+)
 @click.option("--threads", "threads_list", default=None, help="Thread counts, e.g. 1,2 [default: physical cores].")
 @click.option(
     "--scenario", default="short", show_default=True, help="short, long, second-turn, or several separated by commas."
@@ -289,6 +311,7 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
             plot_out: Path | None) -> None:  # fmt: skip
     """Measure the engines side by side: first token, prefill, decode, CPU and memory."""
     from qwenrt.compare import report as show
+    from qwenrt.compare.ladder import LADDER_RUNTIMES
     from qwenrt.compare.measure import CellSpec
     from qwenrt.compare.runner import run_comparison
     from qwenrt.compare.scenarios import scenario as find_scenario
@@ -298,7 +321,7 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
     if ladder:
         _refuse_options_the_ladder_sets()
     model_dir = _model_dir(model)
-    names = ["gguf", "openvino", "transformers"] if ladder else [n.strip() for n in runtimes.split(",") if n.strip()]
+    names = list(LADDER_RUNTIMES) if ladder else [n.strip() for n in runtimes.split(",") if n.strip()]
     problems: dict[str, QwenrtError] = {}
     for name in names:
         try:
@@ -376,21 +399,28 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
         # The cells finished before Ctrl-C are reported above; the exit status still says it was cut short.
         click.echo(f"qwenrt: interrupted after {len(result['cells'])} of {len(specs)} cells", err=True)
         sys.exit(130)
-    if not any(cell["status"] == "ok" for cell in result["cells"]):
-        reasons = list(dict.fromkeys(cell["error"] for cell in result["cells"]))
+    if not show.ok_cells(result):
+        reasons = list(dict.fromkeys(cell.error for cell in result["cells"]))
         more = f" (and {len(reasons) - 1} other reasons, above)" if len(reasons) > 1 else ""
         raise QwenrtError(f"no cell could be measured: {reasons[0] if reasons else 'no cells'}{more}")
 
 
 @cli.command()
-@click.option("--runtime", type=click.Choice(RUNTIMES), default="openvino", show_default=True)
+@click.option(
+    "--runtime",
+    type=RUNTIME_CHOICE,
+    default=(batching_engine_names() or RUNTIMES)[0],
+    show_default=True,
+    help=f"The default batches concurrent requests. {RUNTIMES_HELP}",
+)
 @_engine_options
 @click.option(
     "--parallel",
     type=click.IntRange(1, 64),
     default=4,
     show_default=True,
-    help="Requests generated at once (OpenVINO batches them; llama.cpp always takes one at a time).",
+    help=f"Requests generated at once ({', '.join(batching_engine_names()) or 'no engine'} batches them; the others "
+    "take one at a time).",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
@@ -440,7 +470,7 @@ def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, huge
 
 @cli.command()
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="Model folder [default: the user cache].")
-@click.option("--runtimes", default=",".join(RUNTIMES), show_default=True, help="Engines to tune.")
+@click.option("--runtimes", default=",".join(RUNTIMES), show_default=True, help="Engines to tune, separated by commas.")
 @click.option(
     "--objective",
     type=click.Choice(["end-to-end", "first-token", "decode", "prefill"]),

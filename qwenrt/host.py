@@ -11,8 +11,9 @@ import hashlib
 import platform
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
+
+from qwenrt import procfs
 
 # The features that decide which kernels the engines run (and which of them can crash).
 FEATURES_THAT_MATTER = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
@@ -49,22 +50,6 @@ class Host:
 def this_host() -> Host:
     from qwenrt.runtimes.threads import physical_cores
 
-    cpu, flags = _cpuinfo()
-    return Host(cpu, flags, platform.release(), platform.machine(), physical_cores())
-
-
-def _cpuinfo() -> tuple[str, frozenset[str]]:
-    model, flags = "", frozenset()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            name = name.strip()
-            if name == "model name" and not model:
-                model = value.strip()
-            elif name in ("flags", "Features") and not flags:  # x86, ARM
-                flags = frozenset(value.split())
-            if model and flags:
-                break
-    except OSError:
-        pass
-    return model or platform.processor() or platform.machine(), flags
+    cpu, flags = procfs.cpuinfo()
+    return Host(cpu or platform.processor() or platform.machine(), flags, platform.release(), platform.machine(),
+                physical_cores())  # fmt: skip

@@ -18,6 +18,8 @@ SCHEMA_VERSION = 1
 GGUF_KEY = "gguf"
 OPENVINO_KEY = "openvino"
 OPENVINO_DIR = "openvino-int8"
+# The artifacts 'qwenrt convert' writes, in order; each is run by the engine that declares its key.
+ARTIFACT_KEYS = (GGUF_KEY, OPENVINO_KEY)
 
 
 def read_manifest(model_dir: Path) -> dict[str, Any]:

@@ -13,9 +13,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import build_tiny_qwen2  # noqa: E402
 
 from qwenrt.paths import cache_root  # noqa: E402
+from qwenrt.runtimes import converted_engine_names  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-ENGINES = ["gguf", "openvino"]
+# Every engine the registry knows that runs a converted artifact: an engine added to
+# qwenrt/runtimes (or named in QWENRT_ENGINES) is tested like the others without a change here.
+ENGINES = converted_engine_names()
 QWENRT = [sys.executable, "-m", "qwenrt.cli"]
 
 

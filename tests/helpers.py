@@ -41,3 +41,24 @@ def anonymous_huge_page_bytes(pid: int) -> int:
         if line.startswith("AnonHugePages:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no AnonHugePages line for process {pid}")
+
+
+def make_cell(**fields: object):
+    """A compare cell with plausible figures, for tests of what reads cells; ``fields`` override them."""
+    from qwenrt.compare.cells import Cell, CpuUse, Summary
+
+    def summary(median: float) -> Summary:
+        return Summary(median=median, p90=median, min=median, max=median, mean=median, stdev=0.0, n=1)
+
+    values: dict = {
+        "runtime": "gguf", "threads": 1, "scenario": "short", "label": None, "batch": 1,
+        "settings": {"artifact": "model.gguf"}, "resolved": {}, "engine_defaults": False, "prompt_tokens": 10,
+        "prompt_ids_sha256": "a", "generated_tokens": 4, "load_s": 0.5, "first_token_s": summary(0.05),
+        "first_token_cached_s": None, "prefill_tps": summary(200.0), "decode_tps": summary(10.0),
+        "inter_token_ms": summary(100.0), "end_to_end_s": summary(0.4),
+        "cpu": CpuUse(summary(1.0), 100.0, 50.0, [100.0, 0.0]), "rss_after_load_bytes": 1, "peak_rss_bytes": 2,
+        "rss_private_bytes": 1, "rss_file_backed_bytes": 1, "artifact_bytes": 1, "token_ids": [1, 2, 3, 4],
+        "repeat": 1, "pid": 1,
+    }  # fmt: skip
+    values.update(fields)
+    return Cell(**values)

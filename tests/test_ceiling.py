@@ -10,6 +10,7 @@ from pathlib import Path
 import gguf
 import openvino as ov
 import pytest
+from helpers import make_cell
 from tiny_model import build_tiny_qwen2
 
 from qwenrt.compare.ceiling import add_decode_ceilings, decode_bytes_per_token, memory_bandwidth
@@ -41,8 +42,9 @@ def embedding_elements(model_dir: Path) -> int:
 def test_a_tied_embedding_is_read_whole_at_every_step(tiny_model: Path) -> None:
     tensors = gguf_tensor_bytes(tiny_model)
     assert "output.weight" not in tensors  # llama.cpp projects onto the vocabulary with token_embd
-    assert decode_bytes_per_token(tiny_model) == {"gguf": sum(tensors.values()),
-                                                  "openvino": ir_constant_bytes(tiny_model)}  # fmt: skip
+    read = decode_bytes_per_token(tiny_model)
+    assert read["gguf"] == sum(tensors.values()) and read["openvino"] == ir_constant_bytes(tiny_model)
+    assert "transformers" not in read  # counts no bytes: no ceiling
 
 
 def test_an_untied_embedding_is_only_looked_up(untied_model: Path) -> None:
@@ -61,14 +63,12 @@ def test_memory_bandwidth_is_a_plausible_reading(threads: int) -> None:
 
 
 def test_a_cell_whose_artifact_cannot_be_counted_loses_only_its_ceiling(tiny_model: Path, tmp_path: Path) -> None:
-    def cell(runtime: str, artifact: Path) -> dict:
-        return {"status": "ok", "runtime": runtime, "threads": 1, "batch": 1, "decode_tps": {"median": 10.0},
-                "settings": {"artifact": str(artifact)}}  # fmt: skip
-
     odd_ir = tmp_path / "ir"  # an IR folder without the config.json the count needs
     odd_ir.mkdir()
-    cells = [cell("gguf", artifact_files(tiny_model, GGUF_KEY)[0]), cell("openvino", odd_ir)]
+    cells = [make_cell(runtime="gguf", settings={"artifact": str(artifact_files(tiny_model, GGUF_KEY)[0])}),
+             make_cell(runtime="openvino", settings={"artifact": str(odd_ir)})]  # fmt: skip
     bandwidth = add_decode_ceilings(cells)
     assert set(bandwidth) == {"1"}
-    assert cells[0]["decode_ceiling"]["bytes_per_token"] == decode_bytes_per_token(tiny_model)["gguf"]
-    assert "decode_ceiling" not in cells[1]
+    assert cells[0].decode_ceiling is not None
+    assert cells[0].decode_ceiling.bytes_per_token == decode_bytes_per_token(tiny_model)["gguf"]
+    assert cells[1].decode_ceiling is None

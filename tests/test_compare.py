@@ -12,6 +12,7 @@ import jsonschema
 import psutil
 import pytest
 from conftest import QWENRT
+from helpers import make_cell
 from tiny_model import build_tiny_qwen2
 
 from qwenrt.compare import report
@@ -83,7 +84,7 @@ def test_each_cell_is_set_against_its_bandwidth_ceiling(comparison: tuple[dict, 
         assert ceiling["memory_bandwidth_bytes_per_s"] == bandwidth
         assert ceiling["ceiling_tps"] == pytest.approx(bandwidth / read[cell["runtime"]])
         assert ceiling["share"] == pytest.approx(cell["decode_tps"]["median"] / ceiling["ceiling_tps"])
-    text = report.render_terminal(data)
+    text = report.render_terminal(report.from_json(data))
     assert "decode, % of its ceiling" in text and "memory read bandwidth" in text
     assert "decode, % of its ceiling" in (comparison[1] / "r.md").read_text()
 
@@ -92,6 +93,7 @@ def test_each_cell_is_set_against_its_bandwidth_ceiling(comparison: tuple[dict, 
 # stand-in (300 MB written, so resident) where the cached first token is measured.
 PEAK_PROBE = """
 import json, sys
+from qwenrt import procfs
 from qwenrt.compare import measure
 
 def second_engine(*args):
@@ -101,7 +103,7 @@ def second_engine(*args):
 measure._cached_first_token = second_engine
 cell = measure.run_cell(measure.CellSpec(runtime=sys.argv[1], model_dir=sys.argv[2], threads=1, max_tokens=8,
                                          repeat=1, warmup=0))
-print(json.dumps({"cell_peak": cell["peak_rss_bytes"], "process_peak": measure.peak_rss_bytes()}))
+print(json.dumps({"cell_peak": cell.peak_rss_bytes, "process_peak": procfs.peak_rss_bytes()}))
 """
 
 
@@ -161,7 +163,7 @@ def test_every_output_format_is_readable(comparison: tuple[dict, Path]) -> None:
 
 def test_terminal_report_marks_best_and_speaks_in_words(comparison: tuple[dict, Path]) -> None:
     data, _ = comparison
-    text = report.render_terminal(data)
+    text = report.render_terminal(report.from_json(data))
     assert "◀" in text
     assert "decode" in text and "×" in text
     assert "agreement gguf vs openvino" in text
@@ -221,13 +223,9 @@ def test_statistics() -> None:
 
 
 def test_agreement_counts_identical_tokens() -> None:
-    cells = [
-        {"status": "ok", "runtime": "gguf", "scenario": "short", "threads": 1, "token_ids": [1, 2, 3, 4],
-         "prompt_ids_sha256": "a"},
-        {"status": "ok", "runtime": "openvino", "scenario": "short", "threads": 1, "token_ids": [1, 2, 9, 4],
-         "prompt_ids_sha256": "a"},
-    ]  # fmt: skip
-    (row,) = agreement(cells)
+    cells = [make_cell(runtime="gguf", token_ids=[1, 2, 3, 4]), make_cell(runtime="openvino", token_ids=[1, 2, 9, 4]),
+             make_cell(runtime="openvino", token_ids=[5, 6, 7, 8], engine_defaults=True)]  # fmt: skip
+    (row,) = agreement(cells)  # an engine at its own defaults is no engine to agree with
     assert row["identical_token_share"] == 0.75
     assert row["first_difference"] == 2
 
@@ -272,3 +270,16 @@ def test_ladder_reproduces_the_write_ups_steps(small_model: Path, tmp_path: Path
     text = result.stdout
     assert "gain" in text and "1.00×" in text and "batch 2" in text
     assert "| step" in (tmp_path / "l.md").read_text()
+
+
+def test_the_cell_records_and_the_schema_name_the_same_fields() -> None:
+    """compare's cells are typed records; the JSON schema documents exactly their fields."""
+    from dataclasses import fields
+
+    from qwenrt.compare.cells import Cell, FailedCell
+
+    definitions = SCHEMA["$defs"]
+    assert {f.name for f in fields(Cell)} == set(definitions["ok_cell"]["properties"])
+    assert set(definitions["ok_cell"]["required"]) <= {f.name for f in fields(Cell)}
+    assert {f.name for f in fields(FailedCell)} == set(definitions["failed_cell"]["properties"])
+    jsonschema.validate(make_cell().to_json(), {**SCHEMA, **definitions["ok_cell"]})

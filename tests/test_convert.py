@@ -27,7 +27,7 @@ from helpers import sha256, snapshot, staging_folders
 
 from qwenrt import __version__
 from qwenrt.convert.openvino_int8 import weight_types
-from qwenrt.convert.pipeline import TOOLS, convert
+from qwenrt.convert.pipeline import convert, manifest_tools
 from qwenrt.convert.staging import OWNER_FILE, UNOWNED_GRACE_SECONDS, make_staging, remove_stale_staging
 from qwenrt.manifest import GGUF_KEY, MANIFEST_FILE, OPENVINO_DIR, OPENVINO_KEY, read_manifest
 from qwenrt.runtimes import GenerationConfig, StreamEnd, TokenEvent, open_engine
@@ -305,9 +305,11 @@ def test_manifest_records_source_artifacts_and_tools(
     assert "int8" in manifest["artifacts"][OPENVINO_KEY]["quantization"]
 
     tools = manifest["tools"]
-    assert set(tools) == set(TOOLS)
+    assert set(tools) == set(manifest_tools()) == {"qwenrt", "gguf", "llama-cpp-python", "openvino", "openvino-genai",
+                                                   "openvino-tokenizers", "optimum-intel", "nncf", "transformers",
+                                                   "torch"}  # fmt: skip
     assert tools["qwenrt"] == __version__
-    for tool in TOOLS[1:]:
+    for tool in set(tools) - {"qwenrt"}:
         assert tools[tool] == metadata.version(tool), tool
 
     created = datetime.fromisoformat(manifest["created"])

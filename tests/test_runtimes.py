@@ -608,3 +608,20 @@ def test_transformers_baseline_engine_streams_the_checkpoint(
     reference = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=None)
     assert tokens == reference[0, len(ids) :].tolist()
     assert streamed_text(events) == hf_tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_closing_an_engine_gives_back_what_it_set_for_the_process(name: str, tiny_model: Path) -> None:
+    """The thread variables and the pinning an engine sets while open are as before once it closes."""
+    from qwenrt.runtimes.threads import THREAD_ENV_VARS
+
+    before_env = {variable: os.environ.get(variable) for variable in THREAD_ENV_VARS}
+    before_cpus = os.sched_getaffinity(0)
+    engine = open_engine(name, tiny_model, EngineOptions(threads=1, pin=True))
+    try:
+        assert all(os.environ[variable] == "1" for variable in THREAD_ENV_VARS)
+        assert len(os.sched_getaffinity(0)) == 1
+    finally:
+        engine.close()
+    assert {variable: os.environ.get(variable) for variable in THREAD_ENV_VARS} == before_env
+    assert os.sched_getaffinity(0) == before_cpus

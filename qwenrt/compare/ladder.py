@@ -15,6 +15,8 @@ from qwenrt.manifest import GGUF_KEY, artifact_files
 from qwenrt.runtimes.threads import physical_cores
 
 LADDER_DIR = "ladder"
+# The write-up's steps are those of particular engines: the two it compares, and its starting point.
+LADDER_RUNTIMES = ("gguf", "openvino", "transformers")
 
 
 def ladder_specs(model_dir: Path, max_tokens: int, repeat: int, warmup: int) -> list[CellSpec]:

@@ -19,6 +19,8 @@ from typing import Any
 
 import psutil
 
+from qwenrt import procfs
+from qwenrt.compare.cells import Cell, CpuUse, Summary
 from qwenrt.compare.scenarios import Scenario, custom_scenario, scenario
 from qwenrt.compare.stats import summarise
 from qwenrt.errors import QwenrtError
@@ -70,7 +72,7 @@ class Repetition:
     token_ids: list[int]
 
 
-def run_cell(spec: CellSpec, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def run_cell(spec: CellSpec, progress: Callable[[str], None] = lambda _: None) -> Cell:
     conversation = spec.conversation()
     second_turn = bool(conversation.previous)
     process = psutil.Process()
@@ -96,14 +98,13 @@ def run_cell(spec: CellSpec, progress: Callable[[str], None] = lambda _: None) -
             progress(f"repetition {index + 1}/{spec.repeat}")
             repetitions.append(measure(engine, prompt_ids, previous_ids, config, spec.batch))
         # Taken before the cached-first-token measurement opens a second engine: the freed heap
-        # of this one (50 MB for llama.cpp, which glibc keeps) would otherwise count in its peak.
-        resident = resident_memory() | {"peak_rss_bytes": peak_rss_bytes()}
+        # of this one (which glibc keeps) would otherwise count in its peak.
+        resident = resident_memory() | {"peak_rss_bytes": procfs.peak_rss_bytes()}
         settings = engine.settings()
         resolved = engine.resolved.describe()
     cached_first_token_s = None if second_turn or spec.batch > 1 else _cached_first_token(spec, prompt_ids, config)
-    result = _cell_result(spec, conversation, settings, load_s, rss_after_load, prompt_ids, repetitions,
-                          cached_first_token_s, resident)  # fmt: skip
-    return result | {"resolved": resolved, "engine_defaults": spec.engine_defaults}
+    return _cell_result(spec, conversation, settings, resolved, load_s, rss_after_load, prompt_ids, repetitions,
+                        cached_first_token_s, resident)  # fmt: skip
 
 
 def _cached_first_token(spec: CellSpec, prompt_ids: list[int], config: GenerationConfig) -> float:
@@ -189,60 +190,52 @@ def _cpu_seconds() -> float:
 
 
 def _cell_result(
-    spec: CellSpec, conversation: Scenario, settings: dict[str, Any], load_s: float, rss_after_load: int,
-    prompt_ids: list[int], repetitions: list[Repetition], cached_first_token_s: float | None,
-    resident: dict[str, int | None],
-) -> dict[str, Any]:  # fmt: skip
+    spec: CellSpec, conversation: Scenario, settings: dict[str, Any], resolved: dict[str, dict[str, Any]],
+    load_s: float, rss_after_load: int, prompt_ids: list[int], repetitions: list[Repetition],
+    cached_first_token_s: float | None, resident: dict[str, int | None],
+) -> Cell:  # fmt: skip
     """The cell's figures; ``resident`` holds the memory readings, the peak among them."""
     logical = psutil.cpu_count(logical=True) or 1
-    cores = summarise([r.cpu_cores for r in repetitions])
+    cores = Summary.of(summarise([r.cpu_cores for r in repetitions]))
     per_core = [sum(r.per_core_busy[i] for r in repetitions) / len(repetitions) for i in range(logical)]
-    return {
-        "runtime": spec.runtime,
-        "threads": spec.threads,
-        "scenario": conversation.name,
-        "label": spec.label,
-        "batch": spec.batch,
-        "status": "ok",
-        "settings": settings,
-        "prompt_tokens": len(prompt_ids),
-        "prompt_ids_sha256": _ids_digest(prompt_ids),
-        "generated_tokens": repetitions[0].generated_tokens,
-        "load_s": load_s,
-        "first_token_s": summarise([r.first_token_s for r in repetitions]),
-        "first_token_cached_s": cached_first_token_s,
-        "prefill_tps": summarise([r.prefill_tps for r in repetitions]),
-        "decode_tps": summarise([r.decode_tps for r in repetitions if r.decode_tps is not None]),
-        "inter_token_ms": summarise([gap for r in repetitions for gap in r.inter_token_ms]),
-        "end_to_end_s": summarise([r.end_to_end_s for r in repetitions]),
-        "cpu": {
-            "cores_used": cores,
-            "percent_of_threads": 100 * cores["median"] / spec.threads if cores else None,
-            "percent_of_machine": 100 * cores["median"] / logical if cores else None,
-            "per_core_busy_percent": per_core,
-        },
-        "rss_after_load_bytes": rss_after_load,
-        **resident,
-        "artifact_bytes": _artifact_size(Path(settings["artifact"])),
-        "token_ids": repetitions[0].token_ids,
-        "repeat": len(repetitions),
-        "pid": os.getpid(),
-    }
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory.
-
-    Linux's VmHWM starts afresh at exec; getrusage's ru_maxrss does not, and would report
-    the parent's peak for a worker started from a large process.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    first_token = Summary.of(summarise([r.first_token_s for r in repetitions]))
+    prefill = Summary.of(summarise([r.prefill_tps for r in repetitions]))
+    end_to_end = Summary.of(summarise([r.end_to_end_s for r in repetitions]))
+    assert first_token is not None and prefill is not None and end_to_end is not None  # one repetition or more
+    return Cell(
+        runtime=spec.runtime,
+        threads=spec.threads,
+        scenario=conversation.name,
+        label=spec.label,
+        batch=spec.batch,
+        settings=settings,
+        resolved=resolved,
+        engine_defaults=spec.engine_defaults,
+        prompt_tokens=len(prompt_ids),
+        prompt_ids_sha256=_ids_digest(prompt_ids),
+        generated_tokens=repetitions[0].generated_tokens,
+        load_s=load_s,
+        first_token_s=first_token,
+        first_token_cached_s=cached_first_token_s,
+        prefill_tps=prefill,
+        decode_tps=Summary.of(summarise([r.decode_tps for r in repetitions if r.decode_tps is not None])),
+        inter_token_ms=Summary.of(summarise([gap for r in repetitions for gap in r.inter_token_ms])),
+        end_to_end_s=end_to_end,
+        cpu=CpuUse(
+            cores_used=cores,
+            percent_of_threads=100 * cores.median / spec.threads if cores else None,
+            percent_of_machine=100 * cores.median / logical if cores else None,
+            per_core_busy_percent=per_core,
+        ),
+        rss_after_load_bytes=rss_after_load,
+        peak_rss_bytes=resident["peak_rss_bytes"] or 0,
+        rss_private_bytes=resident["rss_private_bytes"],
+        rss_file_backed_bytes=resident["rss_file_backed_bytes"],
+        artifact_bytes=_artifact_size(Path(settings["artifact"])),
+        token_ids=repetitions[0].token_ids,
+        repeat=len(repetitions),
+        pid=os.getpid(),
+    )
 
 
 def resident_memory() -> dict[str, int | None]:
@@ -252,16 +245,8 @@ def resident_memory() -> dict[str, int | None]:
     under memory pressure the kernel drops them and reads them again when needed. The
     private (anonymous) part is what the engine really needs of the machine's memory.
     """
-    fields = {"RssAnon:": "rss_private_bytes", "RssFile:": "rss_file_backed_bytes"}
-    split: dict[str, int | None] = dict.fromkeys(fields.values())
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            name, _, value = line.partition("\t")
-            if name in fields:
-                split[fields[name]] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    return split
+    fields = procfs.status_bytes("RssAnon", "RssFile")
+    return {"rss_private_bytes": fields["RssAnon"], "rss_file_backed_bytes": fields["RssFile"]}
 
 
 def _ids_digest(ids: list[int]) -> str:

@@ -13,7 +13,7 @@ from qwenrt.compare.measure import CellSpec, run_cell
 
 
 def _measure(request: dict[str, Any], progress: Any) -> dict[str, Any]:
-    return run_cell(CellSpec(**request), progress=progress)
+    return run_cell(CellSpec(**request), progress=progress).to_json()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A decode step runs every matrix product of the model once for a single token. The
 three attention projections of a Qwen2.5-0.5B layer read the same activations but hold
-only 0.8, 0.1 and 0.1 MB of INT8 weights, so the CPU plugin's fixed cost per node (a
+well under a megabyte of INT8 weights each, so the CPU plugin's fixed cost per node (a
 kernel call, a thread barrier, a reorder of the output) outweighs their reading:
 k_proj and v_proj ran at a quarter of the memory bandwidth in the plugin's own profile
 (BENCHMARKS.md). The plugin fuses them itself only on CPUs with AMX.
@@ -10,9 +10,9 @@ k_proj and v_proj ran at a quarter of the memory bandwidth in the plugin's own p
 Here the graph does it once, at conversion: the stacked u8 weights, zero points, scales
 and biases become one compressed MatMul whose output a VariadicSplit hands back to the
 original consumers. Every output channel keeps its own weights, zero point and scale,
-so the arithmetic is unchanged (bit-identical logits at f32 inference precision); on
-the demo model decode was 2-2.5 % faster and the first token 1-1.5 ms sooner
-(bench/openvino_fused_projections.py, 5 interleaved rounds).
+so the arithmetic is unchanged (bit-identical logits at f32 inference precision), and
+decode and the first token come a little sooner (BENCHMARKS.md, "OpenVINO, fused q/k/v
+projections"; bench/openvino_fused_projections.py).
 
 Only compressed MatMuls of the form nncf writes are fused; anything else is left as it
 was, so the pass can only fail to apply, never produce a different model.

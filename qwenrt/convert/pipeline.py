@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import resource
 import shutil
 import signal
 import threading
@@ -21,11 +20,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from qwenrt import __version__
+from qwenrt import __version__, procfs
 from qwenrt.convert.checkpoint import Checkpoint
 from qwenrt.convert.demo import sha256_of
 from qwenrt.convert.fused_projections import FUSED_ATTENTION
@@ -35,6 +33,7 @@ from qwenrt.convert.sources import ResolvedSource, resolve_source, source_refere
 from qwenrt.convert.staging import make_staging, remove_stale_staging
 from qwenrt.errors import QwenrtError, WriteError
 from qwenrt.manifest import (
+    ARTIFACT_KEYS,
     GGUF_KEY,
     MANIFEST_FILE,
     OPENVINO_DIR,
@@ -43,11 +42,11 @@ from qwenrt.manifest import (
     read_manifest,
     write_manifest,
 )
+from qwenrt.runtimes.fingerprint import package_version
 from qwenrt.runtimes.probe import PROBE_NEW_TOKENS
 
-FORMATS = (GGUF_KEY, OPENVINO_KEY)
-TOOLS = ["qwenrt", "gguf", "llama-cpp-python", "openvino", "openvino-genai", "openvino-tokenizers",
-         "optimum-intel", "nncf", "transformers", "torch"]  # fmt: skip
+FORMATS = ARTIFACT_KEYS
+CONVERTER_TOOLS = ["qwenrt", "gguf", "optimum-intel", "nncf", "transformers", "torch"]
 SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
@@ -105,7 +104,7 @@ def convert(
     for result in results:
         log(f"{result.key}: {result.path} is complete; skipping (use --force to convert again)")
     if not todo:
-        return ConversionResult(out_dir, results, time.perf_counter() - started, _peak_rss())
+        return ConversionResult(out_dir, results, time.perf_counter() - started, procfs.peak_rss_bytes())
 
     _check_writable(out_dir)
     with _ctrl_c_remembered() as stop_if_interrupted:
@@ -135,7 +134,7 @@ def convert(
             shutil.rmtree(staging, ignore_errors=True)
     for result in results:
         result.path = out_dir / result.path.name
-    return ConversionResult(out_dir, results, time.perf_counter() - started, _peak_rss())
+    return ConversionResult(out_dir, results, time.perf_counter() - started, procfs.peak_rss_bytes())
 
 
 @contextmanager
@@ -260,11 +259,11 @@ def _verify(key: str, staging: Path, record: dict[str, Any], checkpoint: Checkpo
     A native crash there ends the child, not the conversion: the engine's safe fallback is
     tried (and remembered for this host, like any probe), or the conversion fails with one
     line and leaves the model folder as it was."""
-    from qwenrt.runtimes import EngineOptions, engine_class
+    from qwenrt.runtimes import EngineOptions, engine_for_artifact
     from qwenrt.runtimes.fingerprint import record_digest
     from qwenrt.runtimes.probe import EngineCrashError, safe_settings
 
-    engine = engine_class(key)
+    engine = engine_for_artifact(key)
     artifact = staging / record["path"]
     window = min(512, int(checkpoint.config["max_position_embeddings"]))
     options = EngineOptions(context_length=window, prefix_cache=False)
@@ -302,17 +301,20 @@ def _updated_manifest(
         "source": {**resolved.describe(), "checkpoint": str(resolved.checkpoint.path)},
         "context_length": int(resolved.checkpoint.config["max_position_embeddings"]),
         "artifacts": artifacts,
-        "tools": {tool: _version(tool) for tool in TOOLS},
+        "tools": {tool: _version(tool) for tool in manifest_tools()},
     }
 
 
+def manifest_tools() -> list[str]:
+    """The converter's packages, then the packages of the engines that run what it wrote."""
+    from qwenrt.runtimes import engine_for_artifact
+
+    engines = [engine_for_artifact(key) for key in FORMATS]
+    return list(dict.fromkeys([*CONVERTER_TOOLS, *(package for engine in engines for package in engine.packages)]))
+
+
 def _version(package: str) -> str | None:
-    if package == "qwenrt":
-        return __version__
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+    return __version__ if package == "qwenrt" else package_version(package)
 
 
 def _install(staging: Path, out_dir: Path, records: dict[str, dict[str, Any]], manifest: dict[str, Any]) -> None:
@@ -340,11 +342,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def _peak_rss() -> int:
-    # ru_maxrss is in KiB on Linux; children are the pip download, never larger.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 __all__ = ["FORMATS", "MANIFEST_FILE", "ConversionResult", "convert"]

@@ -55,17 +55,10 @@ def local_version() -> str:
 
 def cpu_identity() -> str:
     """The CPU model and its feature flags: what a native build compiles for."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return f"{platform.machine()} {platform.processor()}"
-    wanted = ("model name", "flags", "Features", "CPU part")  # x86 names them one way, ARM another
-    found = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        if name.strip() in wanted and name.strip() not in found:
-            found[name.strip()] = " ".join(sorted(value.split())) if name.strip() != "model name" else value.strip()
-    return "; ".join(f"{key}={found[key]}" for key in sorted(found)) or platform.machine()
+    from qwenrt.procfs import cpuinfo
+
+    model, flags = cpuinfo()
+    return f"{model or platform.processor()} {platform.machine()}: {' '.join(sorted(flags))}"
 
 
 def build_key() -> str:

@@ -53,8 +53,8 @@ class EngineOptions:
     # Generations a server may run at once. Engines that batch (OpenVINO's continuous
     # batching) share each forward pass among them; the others serve one at a time.
     parallel: int = 1
-    # Rebuild the loaded weights in 2 MB pages (qwenrt.runtimes.huge_pages): 6-7 % of decode
-    # on the demo model, for 1-3 s more at load.
+    # Rebuild the loaded weights in 2 MB pages (qwenrt.runtimes.huge_pages): a little faster
+    # decode for seconds more at load (BENCHMARKS.md, "Huge pages").
     huge_pages: bool = False
 
     def __post_init__(self) -> None:
@@ -129,6 +129,15 @@ class Engine(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    # Other names the command line accepts for it.
+    aliases: ClassVar[tuple[str, ...]] = ()
+    # The model folder's artifact it reads: its manifest key (None: not one that convert
+    # writes) and its format, as a report names it.
+    artifact_key: ClassVar[str | None] = None
+    artifact_format: ClassVar[str] = ""
+    # It shares forward passes among concurrent requests (serve --parallel); the others
+    # answer one at a time.
+    batches: ClassVar[bool] = False
     # The packages whose versions make up this engine's build (probe cache, profiles, reports).
     packages: ClassVar[tuple[str, ...]] = ()
     # The settings qwenrt may choose per host, with their candidates and rules.
@@ -144,8 +153,7 @@ class Engine(ABC):
         self.options = options
         self.resolved = settings if settings is not None else self.resolve_settings(self.model_dir, options)[0]
         self.threads = ThreadPlan.resolve(self.resolved.get("threads"), pin=options.pin)
-        if not options.engine_defaults:
-            self.threads.apply_to_process()
+        self._process_change = None if options.engine_defaults else self.threads.apply_to_process()
         self.context_length = options.context_length or self.default_context_length(self.model_dir)
 
     @staticmethod
@@ -220,8 +228,26 @@ class Engine(ABC):
     def settings(self) -> dict[str, Any]:
         """The settings the engine runs with, as applied (for reports)."""
 
-    def close(self) -> None:  # noqa: B027 - engines without native resources need nothing
-        """Release the engine's memory."""
+    @classmethod
+    def decode_bytes_per_token(cls, artifact: Path) -> int | None:
+        """The weight bytes one decoded token reads from ``artifact``: decode's memory-bandwidth
+        ceiling is the machine's bandwidth over this (qwenrt.compare.ceiling). None: not counted."""
+        return None
+
+    @classmethod
+    def counts_decode_bytes(cls) -> bool:
+        return cls.decode_bytes_per_token.__func__ is not Engine.decode_bytes_per_token.__func__  # type: ignore[attr-defined]
+
+    def warm_up(self) -> None:  # noqa: B027 - most engines answer their first request at full speed
+        """Run what makes the first answer slow (OpenVINO compiles and copies its weights then),
+        so that no user's answer pays for it; engines call it while they open."""
+
+    def close(self) -> None:
+        """Release the engine's memory, and give back what it set for the process (the thread
+        variables, the pinning). Engines free their own resources, then call this."""
+        change, self._process_change = getattr(self, "_process_change", None), None
+        if change is not None:
+            change.undo()
 
     # --- shared behaviour -----------------------------------------------------------
     def __enter__(self) -> Engine:

@@ -18,6 +18,7 @@ from qwenrt.runtimes.settings import ResolvedSettings
 class TransformersEngine(Engine):
     name = "transformers"
     description = "transformers FP32 generate on the source checkpoint (baseline)"
+    artifact_format = "Hugging Face checkpoint, float32"
     packages = ("transformers", "torch")
 
     @classmethod
@@ -47,6 +48,7 @@ class TransformersEngine(Engine):
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError:
+            self.close()
             raise QwenrtError(
                 "the transformers baseline needs the convert extra: pip install 'qwenrt[convert]'"
             ) from None
@@ -124,8 +126,13 @@ class TransformersEngine(Engine):
             "prefix_cache": False,
         }
 
+    _model = None
+
     def close(self) -> None:
+        # torch's intra-op thread count (set_num_threads) stays for the process: torch offers no
+        # way back to "as it was before" but a number, and the baseline runs in a process of its own.
         self._model = None
+        super().close()
 
 
 ENGINE = TransformersEngine

@@ -8,8 +8,8 @@ common prefix with the previous prompt, which is what a second chat turn needs.
 Every evaluation runs on one thread that the engine owns, whichever thread asks. The
 package's llama.cpp is built with OpenMP, and libgomp keeps a thread team per calling
 thread: once two threads have run llama.cpp, the two teams outnumber the cores, libgomp
-stops spinning between steps, and decode drops by a third for good (27 → 17 tok/s on 2
-threads here; BENCHMARKS.md, "Serving"). The server's worker threads, a chat's
+stops spinning between steps, and decode drops by about a third for good (BENCHMARKS.md,
+"Serving"). The server's worker threads, a chat's
 interruptible reader or a library user's own threads all pay that unless the work is
 handed to a single thread; the hand-over costs well under 0.1 ms a token.
 """
@@ -40,6 +40,9 @@ N_UBATCH = "n_ubatch"
 class LlamaCppEngine(Engine):
     name = "gguf"
     description = "llama.cpp (llama-cpp-python) on GGUF Q8_0"
+    aliases = ("llama.cpp", "llamacpp")
+    artifact_key = GGUF_KEY
+    artifact_format = "GGUF Q8_0"
     packages = ("llama-cpp-python",)
     knobs = (
         # Weight repacking for the CPU's own kernels; on x86 the one that takes Q8_0 is AMX.
@@ -48,8 +51,8 @@ class LlamaCppEngine(Engine):
         Knob(FLASH_ATTENTION, "llama.cpp's fused attention kernel", lambda host: (False, True), lambda host: False),
         Knob(N_UBATCH, "prompt tokens computed at a time", lambda host: (64, 256, 512), lambda host: 512, rules=(
             # Its compute buffer holds a micro-batch's attention scores against the context: with 64,
-            # long prompts peak within 1.3x the GGUF for 0-2 % of prefill (BENCHMARKS.md, "llama.cpp
-            # micro-batch size").
+            # a long prompt's peak stays within 1.3x the GGUF for no measurable prefill (BENCHMARKS.md,
+            # "llama.cpp micro-batch size").
             Rule(64, "keeps a long prompt's peak memory within 1.3x the GGUF (measured)"),),
              # Only prompts longer than a micro-batch see it: not the short chat turn.
              objectives=frozenset({"prefill"})),
@@ -62,6 +65,20 @@ class LlamaCppEngine(Engine):
     @classmethod
     def artifact_path(cls, model_dir: Path) -> Path:
         return cls.manifest_artifact(model_dir, GGUF_KEY, "GGUF model")
+
+    @classmethod
+    def decode_bytes_per_token(cls, artifact: Path) -> int:
+        """Every tensor once, but the token embedding, of which a step looks up one row; without an
+        output matrix of its own, llama.cpp projects onto the vocabulary with the embedding."""
+        from qwenrt.gguf_check import read_layout
+
+        layout = read_layout(artifact)
+        try:
+            tensors = {name: tensor.n_bytes for name, tensor in layout.tensors.items()}
+        finally:
+            layout.close()
+        total = sum(tensors.values())
+        return total if "output.weight" not in tensors else total - tensors.get("token_embd.weight", 0)
 
     def __init__(
         self, model_dir: Path, options: EngineOptions = EngineOptions(), settings: ResolvedSettings | None = None
@@ -97,7 +114,7 @@ class LlamaCppEngine(Engine):
             # OpenMP work, and a team left on the loading thread would be a second one.
             self._llm = self.on_engine_thread(load)
         except (ValueError, RuntimeError) as exc:
-            self._compute.shutdown(wait=False)
+            self.close()
             raise ArtifactError(f"{path}: llama.cpp could not load the model ({exc})") from None
         self.path = path
         metadata = self._llm.metadata
@@ -178,9 +195,11 @@ class LlamaCppEngine(Engine):
     def close(self) -> None:
         llm = getattr(self, "_llm", None)
         if llm is not None:
-            self._compute.shutdown(wait=True)
-            llm.close()
+            self._compute.submit(llm.close).result()  # on the thread that loaded it, like all its work
             self._llm = None
+        if (compute := getattr(self, "_compute", None)) is not None:
+            compute.shutdown(wait=True)
+        super().close()
 
 
 _MODEL_PARAMS_LOCK = threading.Lock()

@@ -3,8 +3,8 @@
 OpenVINO's CPU plugin maps the IR's ``.bin`` and, on the first inference, copies every
 weight into its own blocked layout; from then on it computes on the copies and reads the
 mapping only for token-embedding rows. The pages read for the copy stay in the process's
-resident set all the same: 590 MB of the demo model's 654 MB IR beside the 671 MB of
-copies, a 2.0x peak (BENCHMARKS.md, "What the resident memory is made of").
+resident set all the same, nearly the whole IR beside the copies (BENCHMARKS.md, "What the
+resident memory is made of").
 
 ``madvise(MADV_PAGEOUT)`` on those pages reclaims them without losing anything: the
 data stays in the file (the kernel may keep it in the page cache), and a page read again
@@ -14,15 +14,15 @@ at the same address between reading /proc/self/maps and the call, DONTNEED would
 memory, while PAGEOUT would at most swap it out. Only read-only shared mappings of the
 file are advised all the same. PAGEOUT is best effort: a page faulted in a moment ago may
 still wait in a CPU's LRU batch, where the kernel cannot take it yet, so a few pages (tens
-of KB, in tests) can stay resident until the next release. Off Linux (no /proc/self/maps),
+of pages) can stay resident until the next release. Off Linux (no /proc/self/maps),
 or before Linux 5.4 (no MADV_PAGEOUT), nothing is released and the engines run as they
 would without it.
 
 The same first inference also leaves free memory inside the C library's heap: the plugin
 builds its copies on several threads, each with its own malloc arena, and what they free
-there stays resident. glibc's ``malloc_trim`` hands those pages back; done beside each
-release, it took OpenVINO's peak on the demo model from 731 MB to 687 MB, at the same
-load time and decode speed (BENCHMARKS.md, "Giving back the load's free heap").
+there stays resident. glibc's ``malloc_trim`` hands those pages back, done beside each
+release, at no cost in load time or decode speed (BENCHMARKS.md, "Giving back the load's
+free heap").
 llama.cpp allocates its buffers once, at load, and is left alone.
 """
 
@@ -36,6 +36,8 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from qwenrt import procfs
 
 MADV_PAGEOUT = 21  # <sys/mman.h>, Linux 5.4 and later
 TRIM_INTERVAL_S = 0.02
@@ -91,18 +93,9 @@ def advise(ranges: list[tuple[int, int]], advice: int) -> int:
 def shared_read_only_mappings(path: Path) -> list[tuple[int, int]]:
     """Address ranges where this process maps ``path`` read-only and shared."""
     target = os.path.realpath(path)
-    ranges = []
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        # fields: address range, permissions (e.g. "r--s"), offset, device, inode, path
-        if len(fields) == 6 and fields[5] == target and fields[1][1] == "-" and fields[1][3] == "s":
-            start, end = (int(address, 16) for address in fields[0].split("-"))
-            ranges.append((start, end))
-    return ranges
+    return [
+        (m.start, m.end) for m in procfs.mappings() if m.name == target and m.permissions[1] == "-" and not m.private
+    ]
 
 
 def release(path: Path) -> int:
@@ -114,20 +107,8 @@ def release(path: Path) -> int:
 
 
 def resident_bytes(path: Path) -> int:
-    """This process's resident pages of every mapping of ``path`` (from /proc/self/smaps)."""
-    target = os.path.realpath(path)
-    total, inside = 0, False
-    try:
-        lines = Path("/proc/self/smaps").read_text().splitlines()
-    except OSError:
-        return 0
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if fields and not fields[0].endswith(":"):  # a mapping's header line, as in /proc/self/maps
-            inside = len(fields) == 6 and fields[5] == target
-        elif inside and fields[0] == "Rss:":
-            total += int(fields[1]) * 1024
-    return total
+    """This process's resident pages of every mapping of ``path``."""
+    return procfs.resident_bytes_of(path)
 
 
 @contextlib.contextmanager

@@ -9,8 +9,8 @@ With ``parallel`` above 1 (the server), the engine runs GenAI's
 ``ContinuousBatchingPipeline`` instead: every request in flight joins the same
 forward pass at its next step, the write-up's batching without waiting for a batch
 to fill. One thread steps the pipeline and hands each request its tokens. A single
-stream stays on ``LLMPipeline``: its C++ loop decoded 0-5 % faster than stepping from
-Python in the runs of BENCHMARKS.md ("Serving"), and chat and compare are measured on it.
+stream stays on ``LLMPipeline``: its C++ loop decoded as fast or faster than stepping
+from Python (BENCHMARKS.md, "Serving"), and chat and compare are measured on it.
 """
 
 from __future__ import annotations
@@ -79,6 +79,10 @@ REQUIRED_FILES = {
 class OpenVINOEngine(Engine):
     name = "openvino"
     description = "OpenVINO GenAI LLMPipeline on the INT8 IR"
+    aliases = ("ov",)
+    artifact_key = OPENVINO_KEY
+    artifact_format = "OpenVINO IR, INT8 weights"
+    batches = True
     packages = ("openvino", "openvino-genai", "openvino-tokenizers")
     knobs = (
         Knob(PRECISION, "the arithmetic of the non-INT8 parts (f32, or bf16/f16 where the CPU has them)",
@@ -92,8 +96,8 @@ class OpenVINOEngine(Engine):
              lambda host: plugin_default(KV_CACHE_PRECISION)),
         Knob(DYNAMIC_QUANTIZATION, "activations quantised in groups of this size for the INT8 products (0: off)",
              lambda host: (0, 32, 64, 128, 256), lambda host: int(plugin_default(DYNAMIC_QUANTIZATION)), rules=(
-                 # Prefill +40 %, decode +7 % over the plugin's default on an Intel Xeon without AMX
-                 # (BENCHMARKS.md, "Tuning").
+                 # Faster prefill and decode than the plugin's default group on both Intel Xeons
+                 # measured (BENCHMARKS.md, "Tuning" and "Hosts").
                  Rule(DYNAMIC_QUANTIZATION_GROUP_SIZE, "faster prefill and decode than the plugin's 32 (measured on "
                       "Intel Xeon)", lambda host: host.machine in ("x86_64", "AMD64")),
              )),
@@ -109,6 +113,27 @@ class OpenVINOEngine(Engine):
         if missing:
             raise ArtifactError(f"{folder}: incomplete OpenVINO model, missing {', '.join(missing)}; convert again")
         return folder
+
+    @classmethod
+    def decode_bytes_per_token(cls, artifact: Path) -> int:
+        """Every weight constant once, but the token embedding's, of which a step looks up one
+        row; unless it is tied, when the output projection reads it whole too."""
+        import json
+
+        import openvino as ov
+
+        config = json.loads((artifact / "config.json").read_text())
+        embedding_shape = [config["vocab_size"], config["hidden_size"]]
+        model = ov.Core().read_model(artifact / "openvino_model.xml")
+        constants = [op for op in model.get_ops() if op.get_type_name() == "Constant"]
+        total = sum(op.get_byte_size() for op in constants)
+        # The embedding's weights: the constant of its shape that a Gather looks rows up in
+        # (a position table may reach a Gather too). Untied, nothing else reads it.
+        shaped = [op for op in constants if list(op.get_output_shape(0)) == embedding_shape]
+        embedding = next((op for op in shaped if _reaches(op, "Gather")), None)
+        if embedding is None or _reaches(embedding, "MatMul"):
+            return total
+        return total - embedding.get_byte_size()
 
     def __init__(
         self, model_dir: Path, options: EngineOptions = EngineOptions(), settings: ResolvedSettings | None = None
@@ -130,12 +155,12 @@ class OpenVINOEngine(Engine):
         try:
             # The plugin copies every weight into its own layout at LLMPipeline's first inference:
             # done here, not in the user's first answer, and the IR's pages read for the copy are
-            # handed back as it goes (peak 1.3 GB -> 0.8 GB on the demo model, BENCHMARKS.md).
+            # handed back as it goes (BENCHMARKS.md, "What the resident memory is made of").
             # ContinuousBatchingPipeline copies while it compiles, holding the GIL, so the
             # trimming thread cannot run: there the pages go back only once it returns.
             with mapped_pages.released_while_running(path / "openvino_model.bin"):
                 self._open_pipeline(ov_genai)
-                self._warm_up()
+                self.warm_up()
         except RuntimeError as exc:
             self.close()
             chosen = {k.name: self._properties[k.name] for k in self.knobs if self.resolved.values[k.name].origin
@@ -211,7 +236,7 @@ class OpenVINOEngine(Engine):
         result = self._pipe.generate(inputs, self._generation_config(config))
         return result.perf_metrics.get_ttft().mean / 1000, [list(map(int, tokens)) for tokens in result.tokens]
 
-    def _warm_up(self) -> None:
+    def warm_up(self) -> None:
         # A prompt of several tokens and two new ones: the kernels of prefill and of decode both run.
         prompt_ids = self.tokenize("Warm up the kernels that read a prompt and write an answer.")
         for _ in self._generate(prompt_ids, GenerationConfig(max_tokens=2, ignore_eos=True)):
@@ -283,6 +308,7 @@ class OpenVINOEngine(Engine):
             self._batcher.close()
             self._batcher = None
         self._pipe = None
+        super().close()
 
 
 class _ContinuousBatcher:
@@ -384,6 +410,21 @@ class _ContinuousBatcher:
             self._wake.notify()
         self._thread.join()
         self.pipe = None
+
+
+# How far a weight constant may sit from its consumer: through Convert, Subtract, Multiply
+# and Convert in an INT8 IR's decompression chain.
+DECOMPRESSION_DEPTH = 6
+
+
+def _reaches(op: Any, type_name: str, depth: int = DECOMPRESSION_DEPTH) -> bool:
+    if depth == 0:
+        return False
+    for target in op.output(0).get_target_inputs():
+        node = target.get_node()
+        if node.get_type_name() == type_name or _reaches(node, type_name, depth - 1):
+            return True
+    return False
 
 
 def _load_error(path: Path, exc: RuntimeError, chosen: dict[str, Any]) -> ArtifactError:

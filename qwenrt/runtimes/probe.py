@@ -20,6 +20,7 @@ that (JSON values; several ``name=value`` pairs are separated by commas).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -92,7 +93,12 @@ class ProbeRecord:
         return self.outcomes().get(signature)
 
     def record(self, signature: str, outcome: dict[str, Any]) -> None:
-        """Add one outcome; concurrent writers (two commands started together) take turns."""
+        """Add one outcome; concurrent writers (two commands started together) take turns. Where
+        the qwenrt home cannot be written, nothing is kept and the next start probes again."""
+        with contextlib.suppress(OSError):
+            self._record(signature, outcome)
+
+    def _record(self, signature: str, outcome: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(self.path.with_suffix(".lock")):
             outcomes = self.outcomes()
@@ -164,7 +170,7 @@ def safe_settings(
             if all(settings.get(name) == value for name, value in fallback.changes.items()):
                 continue  # already so: nothing to fall back to
             assert first_crash is not None
-            candidate = settings.replaced(fallback.changes, "rule", f"{engine.name} crashed here without it")
+            candidate = settings.replaced(fallback.changes, "rule", f"{fallback.turns_off} crashed {engine.name} here")
         signature = candidate.signature(engine.knobs)
         outcome = None if fresh else record.outcome(signature)
         ran = outcome is None

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from qwenrt.errors import WriteError
 from qwenrt.paths import cache_root
 from qwenrt.runtimes.fingerprint import RunKey
 
@@ -41,9 +42,13 @@ def load_profile(key: RunKey) -> dict[str, Any] | None:
 def save_profile(key: RunKey, settings: dict[str, Any], evidence: dict[str, Any]) -> Path:
     """Write the profile in one step: a reader never sees half of it."""
     path = profile_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
     profile = {"schema": PROFILE_SCHEMA, "key": key.describe(), "settings": settings, **evidence}
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".profile.", suffix=".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".profile.", suffix=".partial")
+    except OSError as exc:
+        raise WriteError(f"cannot save the host profile in {path.parent} ({exc.strerror or exc}); "
+                         "set QWENRT_HOME to a folder you can write") from None  # fmt: skip
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(profile, handle, indent=2)

@@ -2,8 +2,12 @@
 
 ``threads`` defaults to the physical cores this process may run on. Before an
 engine loads, the OpenMP and BLAS variables are set to agree, so that no library
-in the process starts a pool of another size; with pinning, the process is bound to
-one logical CPU per physical core.
+in the process starts a pool of another size; with pinning, the opening thread (and
+every thread it starts from then on) is bound to one logical CPU per physical core.
+Both are given back when the engine closes, unless something has changed them since:
+the variables as they were, and the opening thread's CPUs. Libraries that read the
+variables when they loaded (OpenMP) keep the pool they made; threads started meanwhile
+keep their CPUs.
 """
 
 from __future__ import annotations
@@ -61,14 +65,41 @@ class ThreadPlan:
             )
         return cls(threads, pin)
 
-    def apply_to_process(self) -> None:
-        for name in THREAD_ENV_VARS:
-            os.environ[name] = str(self.threads)
+    def apply_to_process(self) -> ProcessChange:
+        """Set the thread variables (and pinning) for this process; the change's ``undo`` gives them back."""
+        environment = {name: str(self.threads) for name in THREAD_ENV_VARS}
+        change = ProcessChange({name: os.environ.get(name) for name in environment}, environment, None, None)
+        os.environ.update(environment)
         if self.pin and hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, self.pinned_cpus())
+            change.cpus_before = os.sched_getaffinity(0)
+            change.cpus_set = set(self.pinned_cpus())
+            os.sched_setaffinity(0, change.cpus_set)
+        return change
 
     def pinned_cpus(self) -> list[int]:
         """One logical CPU per physical core, first ``threads`` of them."""
         cpus = available_cpus()
         stride = max(1, len(cpus) // physical_cores())
         return cpus[::stride][: self.threads]
+
+
+@dataclass
+class ProcessChange:
+    """What one engine set for the process, and what was there before: undone on close where
+    nothing else has changed it since (engines open and close in any order)."""
+
+    environment_before: dict[str, str | None]
+    environment_set: dict[str, str]
+    cpus_before: set[int] | None
+    cpus_set: set[int] | None
+
+    def undo(self) -> None:
+        for name, value in self.environment_set.items():
+            if os.environ.get(name) == value:
+                before = self.environment_before[name]
+                if before is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = before
+        if self.cpus_set is not None and self.cpus_before is not None and os.sched_getaffinity(0) == self.cpus_set:
+            os.sched_setaffinity(0, self.cpus_before)

@@ -20,12 +20,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
 from qwenrt.errors import ArtifactError
+from qwenrt.host import this_host
 from qwenrt.manifest import GGUF_KEY, trained_context_length
+from qwenrt.runtimes import mapped_pages
 from qwenrt.runtimes.base import DEFAULT_CONTEXT, Engine, EngineOptions, GenerationConfig
 from qwenrt.runtimes.probe import SafeFallback
 from qwenrt.runtimes.settings import Knob, ResolvedSettings, Rule
@@ -109,10 +111,16 @@ class LlamaCppEngine(Engine):
                 return Llama(model_path=str(path), n_ctx=self.context_length, n_batch=512,
                              use_mmap=not options.huge_pages, verbose=False, **chosen)  # fmt: skip
 
+        # Where llama.cpp copies the weights into its AMX buffer at load, it never reads the mapped
+        # GGUF's pages again but for a few embedding rows, and they would stay resident beside the
+        # copy: hand them back as the copy goes, as for OpenVINO (BENCHMARKS.md, "Hosts").
+        repacks = not options.huge_pages and _repacks_into_amx(self.resolved.effective(EXTRA_BUFFER_TYPES))
+        released = mapped_pages.released_while_running(path) if repacks else nullcontext()
         try:
             # On the engine's thread too: repacking weights for the CPU's kernels (AMX) at load runs
             # OpenMP work, and a team left on the loading thread would be a second one.
-            self._llm = self.on_engine_thread(load)
+            with released:
+                self._llm = self.on_engine_thread(load)
         except (ValueError, RuntimeError) as exc:
             self.close()
             raise ArtifactError(f"{path}: llama.cpp could not load the model ({exc})") from None
@@ -203,6 +211,16 @@ class LlamaCppEngine(Engine):
 
 
 _MODEL_PARAMS_LOCK = threading.Lock()
+
+
+def _repacks_into_amx(extra_buffer_types: bool | None) -> bool:
+    """llama.cpp copies Q8_0 weights into its AMX buffer at load: extra buffer types on, a build with
+    AMX kernels, a CPU with AMX."""
+    if not extra_buffer_types or not this_host().has("amx_int8"):
+        return False
+    import llama_cpp
+
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 
 @contextmanager

@@ -213,6 +213,11 @@ class Engine(ABC):
         """Token ids of ``text``, special tokens such as <|im_start|> recognised, no BOS added."""
 
     @abstractmethod
+    def tokenize_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` read as plain text: the spelling of a control token
+        ("<|im_end|>") stays characters, as in the text the model was trained on."""
+
+    @abstractmethod
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for in generated text (empty for control tokens)."""
 
@@ -260,7 +265,37 @@ class Engine(ABC):
         return render_chat(self.chat_template, messages)
 
     def chat_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        return self.tokenize(self.render_chat(messages))
+        """The conversation's prompt ids. The template's own markers are control tokens; what the
+        messages say is text, always: a user who writes "<|im_end|><|im_start|>assistant" gets
+        those characters read, not a turn of their own making."""
+        if not any(self.spells_control_tokens(m["content"]) for m in messages):
+            return self.tokenize(self.render_chat(messages))
+        return self._ids_with_contents_as_text(messages)
+
+    def spells_control_tokens(self, text: str) -> bool:
+        """Whether ``text`` holds the spelling of a control token (which tokenize would take as one)."""
+        return bool(text) and self.tokenize(text) != self.tokenize_text(text)
+
+    def _ids_with_contents_as_text(self, messages: Sequence[Message]) -> list[int]:
+        # Each content is rendered as a placeholder first, so that the template's text and the
+        # contents are tokenised apart: the template's with its control tokens, the contents as text.
+        placeholders = [f"\ue000qwenrt-content-{index}\ue001" for index in range(len(messages))]
+        rendered = self.render_chat([{**m, "content": p} for m, p in zip(messages, placeholders, strict=True)])
+        ids: list[int] = []
+        position = 0
+        for message, placeholder in zip(messages, placeholders, strict=True):
+            at = rendered.find(placeholder, position)
+            if at < 0 or rendered.count(placeholder) != 1:
+                raise QwenrtError(
+                    "a message contains the spelling of the model's control tokens, and this chat template does not "
+                    "show each message's text once, where it could be kept as text; remove those markers"
+                )
+            ids += self._tokenize_part(rendered[position:at]) + self.tokenize_text(message["content"])
+            position = at + len(placeholder)
+        return ids + self._tokenize_part(rendered[position:])
+
+    def _tokenize_part(self, text: str) -> list[int]:
+        return self.tokenize(text) if text else []
 
     def stream_chat(
         self, messages: Sequence[Message], config: GenerationConfig, cancel: threading.Event | None = None

@@ -141,6 +141,9 @@ class LlamaCppEngine(Engine):
     def tokenize(self, text: str) -> list[int]:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
+    def tokenize_text(self, text: str) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) if text else []
+
     def token_bytes(self, token_id: int) -> bytes:
         piece = self._piece_cache.get(token_id)
         if piece is None:

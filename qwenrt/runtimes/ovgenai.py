@@ -151,6 +151,7 @@ class OpenVINOEngine(Engine):
                                  if self.resolved.get(knob.name) is not None})  # fmt: skip
         self._pipe: Any = None
         self._batcher: _ContinuousBatcher | None = None
+        self._text_tokenizer: tuple[Any, frozenset[str]] | None = None
         self.path = path
         try:
             # The plugin copies every weight into its own layout at LLMPipeline's first inference:
@@ -194,6 +195,28 @@ class OpenVINOEngine(Engine):
     def tokenize(self, text: str) -> list[int]:
         encoded = self._tokenizer.encode(text, add_special_tokens=False)
         return [int(token) for token in encoded.input_ids.data[0]]
+
+    def tokenize_text(self, text: str) -> list[int]:
+        # GenAI's tokenizer always reads control tokens' spellings as control tokens; the Hugging
+        # Face tokenizer of the same tokenizer.json can read them as text (encode_special_tokens).
+        return self._hf_tokenizer()[0].encode(text, add_special_tokens=False).ids if text else []
+
+    def spells_control_tokens(self, text: str) -> bool:
+        # Every message of every request asks this, and a GenAI tokenizer call costs a model
+        # inference: only a text that holds an added token's spelling is tokenised both ways.
+        _, added = self._hf_tokenizer()
+        return any(spelling in text for spelling in added) and super().spells_control_tokens(text)
+
+    def _hf_tokenizer(self) -> tuple[Any, frozenset[str]]:
+        """tokenizer.json's tokenizer reading control tokens' spellings as text, and the added tokens' spellings."""
+        if self._text_tokenizer is None:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+            tokenizer.encode_special_tokens = True
+            added = frozenset(token.content for token in tokenizer.get_added_tokens_decoder().values())
+            self._text_tokenizer = (tokenizer, added)
+        return self._text_tokenizer
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""

@@ -430,6 +430,27 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
               help="Requests that may wait for a place before the server answers 503.")  # fmt: skip
 @click.option("--max-body", "max_body_bytes", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes.")  # fmt: skip
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(0.1),
+    default=20.0,
+    show_default=True,
+    help="Seconds a request's headers, then its body, may take to arrive.",
+)
+@click.option(
+    "--keep-alive",
+    type=click.FloatRange(0.1),
+    default=5.0,
+    show_default=True,
+    help="Seconds an idle connection stays open between requests.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1),
+    default=128,
+    show_default=True,
+    help="Open connections beyond this are refused with 503.",
+)
 @click.option("--api-key", envvar="QWENRT_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' [env: QWENRT_API_KEY].")  # fmt: skip
 @click.option("--model-name", default=None, help="Model id shown to clients [default: the model folder's name].")
@@ -438,8 +459,9 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
 @click.option("--no-access-log", is_flag=True, help="Log only qwenrt's line per answer, not every HTTP request.")
 def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, huge_pages: bool,
           context_length: int | None, set_values: tuple[str, ...], parallel: int, host: str, port: int,
-          max_tokens_limit: int, max_queue: int, max_body_bytes: int, api_key: str | None, model_name: str | None,
-          prefix_cache: bool, no_access_log: bool) -> None:  # fmt: skip
+          max_tokens_limit: int, max_queue: int, max_body_bytes: int, request_timeout: float, keep_alive: float,
+          max_connections: int, api_key: str | None, model_name: str | None, prefix_cache: bool,
+          no_access_log: bool) -> None:  # fmt: skip
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions), streaming.
 
     Stops cleanly on SIGTERM or Ctrl-C: answers in flight get up to 10 s to finish.
@@ -457,7 +479,8 @@ def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, huge
                             prefix_cache=prefix_cache, huge_pages=huge_pages,
                             settings=_parse_settings(set_values))  # fmt: skip
     limits = ServerLimits(max_body_bytes=max_body_bytes, max_tokens=max_tokens_limit, max_queue=max_queue,
-                          api_key=api_key)  # fmt: skip
+                          api_key=api_key, request_timeout_s=request_timeout, keep_alive_s=keep_alive,
+                          max_connections=max_connections)  # fmt: skip
     # Bind before loading the model: a taken port is reported at once, not after the load.
     sock = listen(host, port)
     try:

@@ -33,6 +33,10 @@ class ServerLimits:
     max_tokens: int = 2048  # the most a request may ask for
     max_queue: int = 64  # requests waiting beyond the engine's places before 503s
     api_key: str | None = None
+    # A request's headers, then its body, must each arrive within this (slow clients hold a place).
+    request_timeout_s: float = 20.0
+    keep_alive_s: float = 5.0  # an idle connection between requests is closed after this
+    max_connections: int = 128  # open connections beyond this are refused with a 503
 
 
 def create_app(
@@ -60,7 +64,7 @@ def create_app(
         )
 
     async def chat_completions(request: Request) -> Response:
-        body = await _read_json(request, limits.max_body_bytes)
+        body = await _read_json(request, limits.max_body_bytes, limits.request_timeout_s)
         chat = protocol.parse_chat_request(body, limits.max_tokens)
         prompt_ids = await service.prompt_ids(chat.messages)
         max_tokens = _fit(engine, len(prompt_ids), chat.max_tokens, limits.max_tokens)
@@ -79,46 +83,79 @@ def create_app(
             )
         return await _complete(request, completion_id, model_id, events, arrived)
 
-    async def on_request_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestError)
-        return JSONResponse(exc.body(), status_code=exc.status)
-
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return JSONResponse(RequestError(str(exc.detail), status=exc.status_code).body(), status_code=exc.status_code)
-
-    async def on_server_error(request: Request, exc: Exception) -> Response:
-        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-        return JSONResponse(protocol.error_body(f"internal error: {exc}", "server_error"), status_code=500)
+        error = RequestError(str(exc.detail), status=exc.status_code)
+        _log_rejected(request, error)
+        # Starlette's own refusals carry headers HTTP requires (Allow, on a 405).
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
     app = Starlette(
         routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/health", _answering(health), methods=["GET"]),
+            Route("/v1/models", _answering(models), methods=["GET"]),
+            Route("/v1/chat/completions", _answering(chat_completions), methods=["POST"]),
         ],
-        exception_handlers={RequestError: on_request_error, HTTPException: on_http_error, Exception: on_server_error},
+        exception_handlers={HTTPException: on_http_error},
         lifespan=lifespan,
     )
     return _require_key(app, limits.api_key) if limits.api_key else app
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+def _answering(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Every failure of a route as an answer in OpenAI's error shape and one log line: a refused
+    request (RequestError) as itself, anything else as a 500 that names no internals (no engine
+    message, address or prompt: those stay in the server's log line)."""
+
+    async def answer(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except RequestError as exc:
+            _log_rejected(request, exc)
+            return JSONResponse(exc.body(), status_code=exc.status)
+        except Exception as exc:
+            reference = protocol.new_completion_id().replace("chatcmpl", "error")
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            log.error("%s %s failed (%s): %s: %s", request.method, request.url.path, reference,
+                      type(exc).__name__, first_line)  # fmt: skip
+            message = f"internal error ({reference}); the server's log says more"
+            return JSONResponse(protocol.error_body(message, "server_error"), status_code=500)
+
+    return answer
+
+
+def _log_rejected(request: Request, error: RequestError) -> None:
+    log.info("refused %s %s: %d %s", request.method, request.url.path, error.status, str(error)[:200])
+
+
+async def _read_json(request: Request, limit: int, timeout_s: float) -> Any:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise RequestError(f"Content-Encoding {encoding} is not supported: send the body uncompressed", status=415)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(f"the request body is over this server's limit of {limit} bytes", status=413)
-    body = bytearray()
-    try:
+
+    async def read() -> bytearray:
+        body = bytearray()
         async for part in request.stream():
             body += part
             if len(body) > limit:
                 raise RequestError(f"the request body is over this server's limit of {limit} bytes", status=413)
+        return body
+
+    try:
+        body = await asyncio.wait_for(read(), timeout_s)
     except ClientDisconnect:
         raise RequestError("the client went away while sending the request") from None
+    except asyncio.TimeoutError:
+        raise RequestError(f"the request body did not arrive within {timeout_s:g} s", status=408) from None
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise RequestError("the request body nests arrays or objects too deeply") from None
 
 
 def _fit(engine: Engine, prompt_tokens: int, asked: int | None, limit: int) -> int:
@@ -246,16 +283,19 @@ def _log_request(completion_id: str, end: StreamEnd | None, outcome: str = "", q
 
 
 def _require_key(app: Starlette, api_key: str) -> Callable[..., Awaitable[None]]:
-    """Bearer-token check in front of every route but /health (for probes)."""
-    expected = f"Bearer {api_key}".encode()
+    """Bearer-token check in front of every route but /health (for probes). The scheme's name is
+    case-insensitive (RFC 9110, 11.1); a refusal says which scheme to use (WWW-Authenticate)."""
+    expected = api_key.encode()
 
     async def guarded(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] != "/health":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, expected):
+            scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), expected):
+                log.info("refused %s %s: 401 invalid or missing API key", scope.get("method", ""), scope["path"])
                 body = json.dumps(RequestError("invalid or missing API key", status=401).body()).encode()
                 await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"www-authenticate", b'Bearer realm="qwenrt"')]})  # fmt: skip
                 await send({"type": "http.response.body", "body": body})
                 return
         await app(scope, receive, send)

@@ -42,6 +42,7 @@ _ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     413: "invalid_request_error",
+    500: "server_error",
     429: "rate_limit_error",
     503: "server_overloaded",
 }
@@ -151,16 +152,30 @@ def _messages(value: Any) -> list[Message]:
 
 def _content(value: Any, where: str) -> str:
     if isinstance(value, str):
-        return value
+        return _text(value, where)
     # The list form: text parts only, since the model reads no images or audio.
     if isinstance(value, list):
         parts = []
-        for part in value:
+        for index, part in enumerate(value):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise RequestError(f"{where} may hold text parts only", param=where)
-            parts.append(part["text"])
+            parts.append(_text(part["text"], f"{where}[{index}].text"))
         return "".join(parts)
     raise RequestError(f"{where} must be a string or a list of text parts", param=where)
+
+
+def _text(value: str, where: str) -> str:
+    """Text that is Unicode: JSON's \\ud800 escapes can spell a lone surrogate, which no UTF-8
+    (and so no tokenizer) can carry."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(
+            f"{where} is not valid Unicode text: a lone surrogate (\\u{ord(value[exc.start]):04x}) at character "
+            f"{exc.start}",
+            param=where,
+        ) from None
+    return value
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -171,7 +186,7 @@ def _stop(value: Any) -> tuple[str, ...]:
         raise RequestError("stop must be a string or a list of strings", param="stop")
     if len(stops) > MAX_STOP_STRINGS:
         raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} strings", param="stop")
-    return tuple(s for s in stops if s)
+    return tuple(_text(s, "stop") for s in stops if s)
 
 
 def _flag(body: dict[str, Any], key: str) -> bool:

@@ -3,6 +3,7 @@ format, and stop cleanly on SIGTERM or Ctrl-C."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import signal
@@ -12,6 +13,7 @@ import sys
 from qwenrt.errors import QwenrtError
 from qwenrt.runtimes.base import Engine
 from qwenrt.serve.app import ServerLimits, create_app
+from qwenrt.serve.connections import LimitedH11Protocol
 from qwenrt.serve.service import EngineService
 
 # In-flight answers get this long to finish after SIGTERM; then they are cancelled.
@@ -63,11 +65,14 @@ def serve(engine: Engine, model_id: str, sock: socket.socket, limits: ServerLimi
     app = create_app(service, model_id, limits, announce)
     config = uvicorn.Config(
         app,
+        http=functools.partial(LimitedH11Protocol, request_timeout_s=limits.request_timeout_s,
+                               max_connections=limits.max_connections),
+        timeout_keep_alive=limits.keep_alive_s,
         log_config=None,
         access_log=access_log,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         server_header=False,
-    )
+    )  # fmt: skip
     # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again for
     # the handlers it found: make those quiet, so that a requested stop exits with status 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}

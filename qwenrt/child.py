@@ -131,7 +131,7 @@ def run_child(
         return ChildOutcome(result=outcome["result"])
     if "error" in outcome:
         return ChildOutcome(error=str(outcome["error"]))
-    name = _signal_name(child.returncode)
+    name = signal_name(child.returncode)
     return ChildOutcome(crash=exit_reason(child.returncode, list(stderr_tail)), signal=name)
 
 
@@ -140,7 +140,8 @@ def _stop(child: subprocess.Popen[str]) -> None:
     child.wait()
 
 
-def _signal_name(returncode: int) -> str | None:
+def signal_name(returncode: int) -> str | None:
+    """The name of the signal that ended a child ("SIGILL"), or None when it exited."""
     if returncode >= 0:
         return None
     try:
@@ -152,7 +153,7 @@ def _signal_name(returncode: int) -> str | None:
 def exit_reason(returncode: int, stderr_tail: list[str]) -> str:
     """Why a child ended without a result, in words: a signal is a crash (or a kill), not a code."""
     last = f"; its last words: {stderr_tail[-1][:300]}" if stderr_tail else ""
-    name = _signal_name(returncode)
+    name = signal_name(returncode)
     if name is None:
         return f"worker exited with code {returncode} and no result{last}"
     if name == "SIGKILL":

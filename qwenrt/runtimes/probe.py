@@ -103,27 +103,31 @@ class ProbeRecord:
         with _locked(self.path.with_suffix(".lock")):
             outcomes = self.outcomes()
             outcomes[signature] = {**outcome, "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            data = {"key": self.key.describe(), "outcomes": outcomes}
-            fd, partial = tempfile.mkstemp(dir=self.path.parent, prefix=".probe.", suffix=".partial")
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(data, handle, indent=2)
-            os.replace(partial, self.path)
+            _write_json(self.path, {"key": self.key.describe(), "outcomes": outcomes})
 
 
 def forget_outcome(path: Path, signature: str) -> None:
     """Drop one outcome from a record (after that configuration crashed in use): the next start probes it again."""
     if not path.is_file():
         return
-    with _locked(path.with_suffix(".lock")):
+    with contextlib.suppress(OSError), _locked(path.with_suffix(".lock")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             data["outcomes"].pop(signature, None)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return
-        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".probe.", suffix=".partial")
+        _write_json(path, data)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` in one step: a reader never sees half of it."""
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".probe.", suffix=".partial")
+    try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2)
         os.replace(partial, path)
+    finally:
+        Path(partial).unlink(missing_ok=True)
 
 
 @contextmanager
@@ -197,7 +201,7 @@ def safe_settings(
 def _fallback_warning(engine: type[Engine], fallback: SafeFallback, crash: dict[str, Any]) -> str:
     advice = f"; {fallback.advice}" if fallback.advice else ""
     return (f"{engine.name}: running without {fallback.turns_off}, which crashed the engine on this CPU "
-            f"({crash['signal']}, found {crash['when'][:10]}){advice}")  # fmt: skip
+            f"({crash['signal']}, found {crash.get('when', 'now')[:10]}){advice}")  # fmt: skip
 
 
 def run_probe(engine: type[Engine], artifact: Path, settings: ResolvedSettings, context_length: int) -> dict[str, Any]:

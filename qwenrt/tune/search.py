@@ -241,14 +241,14 @@ class _WorkerPool:
     ) -> None:  # fmt: skip
         self.engine, self.model_dir, self.objective = engine, model_dir, objective
         self.key, self.record, self.progress = key, record, progress
-        self.workers: dict[str, tuple[TrialWorker, Candidate]] = {}
+        self.workers: dict[str, TrialWorker] = {}  # by configuration, kept from one step to the next
 
-    def _start(self, config: dict[str, Any]) -> tuple[TrialWorker, Candidate]:
+    def _start(self, config: dict[str, Any]) -> TrialWorker:
         name = json.dumps(config, sort_keys=True)
         if name not in self.workers:
             spec = TrialSpec(self.engine.name, str(self.model_dir), config, self.objective.scenario,
                              self.objective.max_tokens)  # fmt: skip
-            self.workers[name] = (TrialWorker(spec), Candidate(config))
+            self.workers[name] = TrialWorker(spec)
         return self.workers[name]
 
     def run(self, configs: list[dict[str, Any]], rounds: int, what: str) -> list[Candidate]:
@@ -263,19 +263,13 @@ class _WorkerPool:
 
     def _run_group(self, group: list[dict[str, Any]], rounds: int, what: str, results: list[Candidate]) -> None:
         by_config = {json.dumps(c.config, sort_keys=True): c for c in results}
-        running: list[tuple[TrialWorker, Candidate]] = []
-        for config in group:
-            worker, previous = self._start(config)
-            candidate = by_config[json.dumps(config, sort_keys=True)]
-            candidate.applied = previous.applied
-            running.append((worker, candidate))
+        running = [(self._start(config), by_config[json.dumps(config, sort_keys=True)]) for config in group]
         self.progress(f"{what}: loading {len(group)} candidates")
         for worker, candidate in running:
             try:
-                if not worker.settings:
+                if not worker.settings:  # a worker kept from the step before is loaded already
                     worker.wait_ready(LOAD_TIMEOUT_S)
                 candidate.applied = worker.settings.get("applied", {})
-                self.workers[json.dumps(candidate.config, sort_keys=True)][1].applied = candidate.applied
             except TrialFailed as exc:
                 self._failed(worker, candidate, exc)
         for round_index in range(rounds):
@@ -314,10 +308,10 @@ class _WorkerPool:
     def keep_only(self, config: dict[str, Any]) -> None:
         keep = json.dumps(config, sort_keys=True)
         for name in [name for name in self.workers if name != keep]:
-            self.workers.pop(name)[0].close()
+            self.workers.pop(name).close()
 
     def close(self) -> None:
-        for worker, _ in self.workers.values():
+        for worker in self.workers.values():
             worker.close()
         self.workers.clear()
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenrt.child import STDERR_TAIL_LINES, exit_reason
+from qwenrt.child import STDERR_TAIL_LINES, exit_reason, signal_name
 
 WARMUP_TOKENS = 16
 
@@ -95,10 +95,8 @@ class TrialWorker:
             except queue.Empty:
                 continue
             if line is None:
-                self._child.wait()
-                code = self._child.returncode
-                name = signal.Signals(-code).name if code < 0 and -code in signal.Signals._value2member_map_ else None
-                raise TrialFailed(exit_reason(code, list(self._stderr)), name)
+                code = self._child.wait()
+                raise TrialFailed(exit_reason(code, list(self._stderr)), signal_name(code))
             try:
                 message = json.loads(line)
             except json.JSONDecodeError:

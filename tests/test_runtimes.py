@@ -670,3 +670,49 @@ def test_closing_an_engine_gives_back_what_it_set_for_the_process(name: str, tin
         engine.close()
     assert {variable: os.environ.get(variable) for variable in THREAD_ENV_VARS} == before_env
     assert os.sched_getaffinity(0) == before_cpus
+
+
+# --- logits, for evaluation -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def logit_engines(tiny_model: Path):
+    opened = {name: open_engine(name, tiny_model, EngineOptions(threads=1, all_logits=True)) for name in ENGINES}
+    yield opened
+    for engine in opened.values():
+        engine.close()
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_every_engine_yields_each_position_s_logits(name: str, logit_engines: dict, engines: dict) -> None:
+    """window_logits: one row per position, the engine's own arithmetic: its last row's best token is
+    the one the same engine generates greedily, and a shorter window gives the same rows (causal)."""
+    import numpy as np
+
+    engine = logit_engines[name]
+    ids = engine.chat_prompt_ids(user("The quick brown fox"))
+    logits = engine.window_logits(ids)
+    assert logits.dtype == np.float32 and logits.shape[0] == len(ids) and np.isfinite(logits).all()
+    first = next(e for e in engines[name].stream(ids, GenerationConfig(max_tokens=1)) if hasattr(e, "token_id"))
+    assert int(np.argmax(logits[-1])) == first.token_id
+    shorter = engine.window_logits(ids[:-3])
+    np.testing.assert_allclose(shorter, logits[:-3], rtol=1e-3, atol=1e-3)
+
+
+def test_the_engines_logits_agree_with_the_float_reference(logit_engines: dict, tiny_model: Path) -> None:
+    """Both quantised engines' distributions lie close to the float checkpoint's (transformers)."""
+    import numpy as np
+
+    with open_engine("transformers", tiny_model, EngineOptions(threads=1, all_logits=True)) as reference:
+        ids = reference.chat_prompt_ids(user("The quick brown fox jumps over the lazy dog"))
+        expected = reference.window_logits(ids)
+    for name, engine in logit_engines.items():
+        logits = engine.window_logits(ids)
+        assert logits.shape == expected.shape, name
+        top1 = np.mean(np.argmax(logits, axis=1) == np.argmax(expected, axis=1))
+        assert top1 >= 0.9, (name, top1)
+
+
+def test_an_engine_opened_for_generation_gives_no_logits(engine) -> None:
+    with pytest.raises(QwenrtError, match="all_logits"):
+        engine.window_logits([1, 2, 3])

@@ -25,6 +25,8 @@ from qwenrt.runtimes.settings import Knob, ResolvedSettings, resolve
 from qwenrt.runtimes.threads import ThreadPlan
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from qwenrt.runtimes.fingerprint import RunKey
     from qwenrt.runtimes.probe import SafeFallback
 
@@ -53,6 +55,9 @@ class EngineOptions:
     # Generations a server may run at once. Engines that batch (OpenVINO's continuous
     # batching) share each forward pass among them; the others serve one at a time.
     parallel: int = 1
+    # Keep the next-token logits of every position (Engine.window_logits): for evaluation,
+    # at the cost of memory and time; such an engine does not generate.
+    all_logits: bool = False
     # Rebuild the loaded weights in 2 MB pages (qwenrt.runtimes.huge_pages): a little faster
     # decode for seconds more at load (BENCHMARKS.md, "Huge pages").
     huge_pages: bool = False
@@ -232,6 +237,19 @@ class Engine(ABC):
     @abstractmethod
     def settings(self) -> dict[str, Any]:
         """The settings the engine runs with, as applied (for reports)."""
+
+    def window_logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """The next-token logits at every position of ``token_ids``, read as a sequence of its own
+        (nothing cached before it): float32, shape (len(token_ids), vocabulary). The engine's own
+        arithmetic on its own artifact, for evaluation; open the engine with
+        ``EngineOptions(all_logits=True)``."""
+        raise QwenrtError(f"the {self.name} engine gives no logits")
+
+    def _check_window(self, token_ids: Sequence[int]) -> None:
+        if not self.options.all_logits:
+            raise QwenrtError(f"the {self.name} engine keeps every position's logits only when opened with all_logits")
+        if not 0 < len(token_ids) <= self.context_length:
+            raise QwenrtError(f"a window of {len(token_ids)} tokens does not fit the context of {self.context_length}")
 
     @classmethod
     def decode_bytes_per_token(cls, artifact: Path) -> int | None:

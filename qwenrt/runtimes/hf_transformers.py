@@ -4,15 +4,18 @@ measured against (the write-up's starting point). Needs the ``convert`` extra (t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwenrt.errors import ModelNotFoundError, QwenrtError
 from qwenrt.manifest import read_manifest
 from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig, TokenRelay
 from qwenrt.runtimes.byte_vocab import token_byte_table
 from qwenrt.runtimes.settings import ResolvedSettings
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class TransformersEngine(Engine):
@@ -78,6 +81,13 @@ class TransformersEngine(Engine):
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+
+    def window_logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        self._check_window(token_ids)
+        torch = self._torch
+        with torch.inference_mode():
+            logits = self._model(torch.tensor([list(token_ids)])).logits[0]
+        return logits.float().numpy().copy()
 
     def _generate(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[tuple[int, float]]:
         from transformers import StoppingCriteria, StoppingCriteriaList

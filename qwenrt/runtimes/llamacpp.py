@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qwenrt.errors import ArtifactError
 from qwenrt.host import this_host
@@ -31,6 +31,9 @@ from qwenrt.runtimes import mapped_pages
 from qwenrt.runtimes.base import DEFAULT_CONTEXT, Engine, EngineOptions, GenerationConfig
 from qwenrt.runtimes.probe import SafeFallback
 from qwenrt.runtimes.settings import Knob, ResolvedSettings, Rule
+
+if TYPE_CHECKING:
+    import numpy as np
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "draw a seed at random" (llama_cpp.LLAMA_DEFAULT_SEED)
 T = TypeVar("T")
@@ -109,7 +112,8 @@ class LlamaCppEngine(Engine):
             # Huge pages need the weights in the engine's own memory: the file's pages are the page cache's.
             with _extra_buffer_types(self.resolved.get(EXTRA_BUFFER_TYPES)):
                 return Llama(model_path=str(path), n_ctx=self.context_length, n_batch=512,
-                             use_mmap=not options.huge_pages, verbose=False, **chosen)  # fmt: skip
+                             use_mmap=not options.huge_pages, logits_all=options.all_logits, verbose=False,
+                             **chosen)  # fmt: skip
 
         # Where llama.cpp copies the weights into its AMX buffer at load, it never reads the mapped
         # GGUF's pages again but for a few embedding rows, and they would stay resident beside the
@@ -149,6 +153,19 @@ class LlamaCppEngine(Engine):
         if piece is None:
             piece = self._piece_cache[token_id] = self._llm.detokenize([token_id], special=False)
         return piece
+
+    def window_logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        import numpy as np
+
+        self._check_window(token_ids)
+
+        def evaluate() -> np.ndarray:
+            llm = self._llm
+            llm.reset()
+            llm.eval(list(token_ids))
+            return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
+
+        return self.on_engine_thread(evaluate)
 
     def on_engine_thread(self, work: Callable[[], T]) -> T:
         """Run ``work`` (anything that evaluates with this engine's ``Llama``) on the engine's thread."""

@@ -20,10 +20,10 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwenrt.errors import ArtifactError, QwenrtError
 from qwenrt.host import Host
@@ -33,6 +33,9 @@ from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig, TokenR
 from qwenrt.runtimes.byte_vocab import token_byte_table
 from qwenrt.runtimes.probe import SafeFallback
 from qwenrt.runtimes.settings import Knob, ResolvedSettings, Rule
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PRECISION = "INFERENCE_PRECISION_HINT"
 KV_CACHE_PRECISION = "KV_CACHE_PRECISION"
@@ -150,6 +153,7 @@ class OpenVINOEngine(Engine):
         self._properties.update({knob.name: self.resolved.get(knob.name) for knob in self.knobs
                                  if self.resolved.get(knob.name) is not None})  # fmt: skip
         self._pipe: Any = None
+        self._model: Any = None  # the compiled IR, when opened for logits
         self._batcher: _ContinuousBatcher | None = None
         self._text_tokenizer: tuple[Any, frozenset[str]] | None = None
         self.path = path
@@ -160,8 +164,11 @@ class OpenVINOEngine(Engine):
             # ContinuousBatchingPipeline copies while it compiles, holding the GIL, so the
             # trimming thread cannot run: there the pages go back only once it returns.
             with mapped_pages.released_while_running(path / "openvino_model.bin"):
-                self._open_pipeline(ov_genai)
-                self.warm_up()
+                if options.all_logits:
+                    self._open_model(ov_genai)
+                else:
+                    self._open_pipeline(ov_genai)
+                    self.warm_up()
         except RuntimeError as exc:
             self.close()
             chosen = {k.name: self._properties[k.name] for k in self.knobs if self.resolved.values[k.name].origin
@@ -183,6 +190,32 @@ class OpenVINOEngine(Engine):
         self._bytes = token_byte_table(self.path / "tokenizer.json")
         stop_ids = self._native_generation_config().stop_token_ids
         self._eos = frozenset({self._tokenizer.get_eos_token_id()} | set(stop_ids))
+
+    def _open_model(self, ov_genai: Any) -> None:
+        """The IR's stateful model itself, compiled with the engine's settings: every position's
+        logits, which GenAI's pipelines do not give (they keep the last position's)."""
+        import openvino as ov
+
+        self._model = ov.Core().compile_model(self.path / "openvino_model.xml", "CPU", self._properties)
+        self._request = self._model.create_infer_request()
+        self._tokenizer = ov_genai.Tokenizer(str(self.path))
+        self._bytes = token_byte_table(self.path / "tokenizer.json")
+        self._eos = frozenset({self._tokenizer.get_eos_token_id()})
+        # A first inference copies the weights into the plugin's layout, inside the page release.
+        self.window_logits(self.tokenize("Warm up the kernels."))
+
+    def window_logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        import numpy as np
+
+        self._check_window(token_ids)
+        ids = np.asarray([list(token_ids)], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                 "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None, :],
+                 "beam_idx": np.zeros(1, dtype=np.int32)}  # fmt: skip
+        names = {name for port in self._model.inputs for name in port.get_names()}
+        self._request.reset_state()  # nothing cached before the window
+        self._request.infer({name: value for name, value in feeds.items() if name in names})
+        return np.array(self._request.get_tensor("logits").data[0], dtype=np.float32)
 
     @property
     def chat_template(self) -> str:
@@ -226,6 +259,8 @@ class OpenVINOEngine(Engine):
         import openvino as ov
         import openvino_genai as ov_genai
 
+        if self.options.all_logits:
+            raise QwenrtError("an OpenVINO engine opened for logits (all_logits) does not generate")
         generation = self._generation_config(config)
         if self._batcher is not None:
             return self._batcher.submit(prompt_ids, generation)
@@ -321,7 +356,11 @@ class OpenVINOEngine(Engine):
             **self._properties,
             "pinned_cpus": self.threads.pinned_cpus() if self.threads.pin else None,
             "prefix_cache": self.options.prefix_cache,
-            "pipeline": "ContinuousBatchingPipeline" if self._batcher is not None else "LLMPipeline",
+            "pipeline": "ContinuousBatchingPipeline"
+            if self._batcher is not None
+            else "compiled model (all logits)"
+            if self._model is not None
+            else "LLMPipeline",
             "parallel": self.concurrency,
             "huge_pages": self.options.huge_pages,
         }
@@ -330,7 +369,7 @@ class OpenVINOEngine(Engine):
         if self._batcher is not None:
             self._batcher.close()
             self._batcher = None
-        self._pipe = None
+        self._pipe = self._model = self._request = None
         super().close()
 
 

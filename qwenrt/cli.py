@@ -296,6 +296,11 @@ def _read_prompt_file(path: Path) -> str:
     help="Also measure each engine exactly as its library opens it: what qwenrt's settings are worth.",
 )
 @click.option(
+    "--quality",
+    is_flag=True,
+    help="Also set each engine's artifact against the float model (KL, top token, perplexity; qwenrt eval).",
+)
+@click.option(
     "--ladder",
     is_flag=True,
     help="Re-measure the write-up's steps: transformers FP32 → engine → threads → INT8 → batch 2.",
@@ -306,7 +311,7 @@ def _read_prompt_file(path: Path) -> str:
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="PNG chart.")
 def compare(model: Path | None, runtimes: str, threads_list: str | None, scenario: str, prompt: str | None,
             prompt_file: Path | None, max_tokens: int, repeat: int, warmup: int, timeout: float, pin: bool,
-            huge_pages: bool, set_values: tuple[str, ...], engine_defaults: bool, ladder: bool,
+            huge_pages: bool, set_values: tuple[str, ...], engine_defaults: bool, quality: bool, ladder: bool,
             json_out: Path | None, csv_out: Path | None, markdown_out: Path | None,
             plot_out: Path | None) -> None:  # fmt: skip
     """Measure the engines side by side: first token, prefill, decode, CPU and memory."""
@@ -382,7 +387,13 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
             cells_started.add(cell)
             click.echo(f"{cell} …", err=True)
 
+    if quality:
+        engine_class("transformers").artifact_path(model_dir)  # the float model, before minutes of measuring
     result = run_comparison(specs, timeout_s=timeout, progress=progress, kind="ladder" if ladder else "comparison")
+    if quality and not result["interrupted"]:
+        from qwenrt.compare.runner import add_quality
+
+        add_quality(result, model_dir, progress)
     if live:
         click.echo("\r\033[K", nl=False, err=True)
     click.echo(show.render_terminal(result))
@@ -563,6 +574,64 @@ def tune(model: Path | None, runtimes: str, objective: str, rounds: int, dry_run
         click.echo(f"wrote {json_out}", err=True)
 
 
+@cli.command(name="eval")
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Model folder [default: the user cache].")
+@click.option("--runtimes", default=",".join(RUNTIMES), show_default=True, help="Engines to evaluate.")
+@click.option(
+    "--corpus",
+    default="english",
+    show_default=True,
+    help="english (CPython's documentation), code (standard-library source), or a UTF-8 text file.",
+)
+@click.option("--context", type=click.IntRange(16), default=512, show_default=True, help="Tokens in a window.")
+@click.option("--max-tokens", type=click.IntRange(1), default=8192, show_default=True, help="Scored tokens.")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: the host profile's or physical cores].")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+@click.option("--csv", "csv_out", type=click.Path(path_type=Path), default=None)
+@click.option("--markdown", "markdown_out", type=click.Path(path_type=Path), default=None)
+def evaluate(model: Path | None, runtimes: str, corpus: str, context: int, max_tokens: int, threads: int | None,
+             json_out: Path | None, csv_out: Path | None, markdown_out: Path | None) -> None:  # fmt: skip
+    """What each engine's artifact costs in quality, against the float checkpoint it was made from.
+
+    Perplexity over the corpus (windows of --context tokens, second halves scored, as
+    llama-perplexity does), the KL divergence of each next-token distribution from the
+    float model's, how often the top token is the same, and how long greedy answers stay
+    the same. The float model reads the corpus once; it is cached beside the model.
+    """
+    from qwenrt.eval import report as show
+    from qwenrt.eval.run import EvalSpec
+    from qwenrt.eval.run import evaluate as run_evaluation
+    from qwenrt.runtimes.threads import ThreadPlan
+
+    model_dir = _model_dir(model)
+    names = [name.strip() for name in runtimes.split(",") if name.strip()]
+    for name in [*names, "transformers"]:
+        engine_class(name).artifact_path(model_dir)  # a missing artifact or checkpoint fails now
+    for path in (json_out, csv_out, markdown_out):
+        if path is not None:
+            _check_output(path)
+    if threads is not None:
+        ThreadPlan.resolve(threads)
+    spec = EvalSpec(str(model_dir), corpus, context, max_tokens, threads)
+    live = sys.stderr.isatty()
+
+    def progress(text: str) -> None:
+        click.echo(f"\r\033[K{text}" if live else text, nl=not live, err=True)
+
+    result = run_evaluation(spec, names, progress)
+    if live:
+        click.echo("\r\033[K", nl=False, err=True)
+    click.echo(show.render_terminal(result))
+    writers = [(json_out, show.write_json), (csv_out, show.write_csv),
+               (markdown_out, lambda r, p: p.write_text(show.render_markdown(r), encoding="utf-8"))]  # fmt: skip
+    for path, write in writers:
+        if path is not None:
+            write(result, path)
+            click.echo(f"wrote {path}", err=True)
+    if not any(entry["status"] == "ok" for entry in result["engines"]):
+        raise QwenrtError("no engine could be evaluated: " + "; ".join(e["error"] for e in result["engines"]))
+
+
 def datetime_now() -> str:
     from datetime import datetime, timezone
 
@@ -572,7 +641,7 @@ def datetime_now() -> str:
 # The ladder's steps are the write-up's own settings: these options would be silently dropped.
 _LADDER_SETS = {"runtimes": "--runtimes", "threads_list": "--threads", "scenario": "--scenario", "prompt": "--prompt",
                 "prompt_file": "--prompt-file", "pin": "--pin", "huge_pages": "--huge-pages", "set_values": "--set",
-                "engine_defaults": "--engine-defaults"}  # fmt: skip
+                "engine_defaults": "--engine-defaults", "quality": "--quality"}  # fmt: skip
 
 
 def _refuse_options_the_ladder_sets() -> None:

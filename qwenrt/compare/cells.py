@@ -78,12 +78,15 @@ class Cell:
     repeat: int
     pid: int
     decode_ceiling: DecodeCeiling | None = None  # added once every cell has run
+    # The artifact against the float model (compare --quality; qwenrt.eval.scoring.Quality's fields)
+    quality: dict[str, float] | None = None
     status: Literal["ok"] = "ok"
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        if data["decode_ceiling"] is None:  # a cell without a ceiling has no such key (schema)
-            del data["decode_ceiling"]
+        for optional in ("decode_ceiling", "quality"):  # a cell without one has no such key (schema)
+            if data[optional] is None:
+                del data[optional]
         return data
 
     @classmethod

@@ -25,6 +25,7 @@ class Metric:
     fmt: str
     higher_is_better: bool | None  # None: shown, never ranked
     spread: Callable[[Cell], float | None] = lambda cell: None
+    optional: bool = False  # a row only where some cell has the figure (compare --quality)
 
 
 def _stat(key: str, stat: str = "median", scale: float = 1.0) -> Callable[[Cell], float | None]:
@@ -62,7 +63,17 @@ METRICS = [
     Metric("in use after the run: private (MB)", lambda c: _megabytes(c.rss_private_bytes), "{:.0f}", False),
     Metric("in use after the run: file-backed (MB)", lambda c: _megabytes(c.rss_file_backed_bytes), "{:.0f}", None),
     Metric("artifact on disk (MB)", lambda c: c.artifact_bytes / 1e6, "{:.0f}", False),
+    Metric("KL from the float model, mean", lambda c: _quality(c, "kl_mean"), "{:.4f}", False,
+           lambda c: _quality(c, "kl_sem"), optional=True),
+    Metric("top token = the float model's (%)", lambda c: _quality(c, "same_top_share", 100), "{:.1f}", True,
+           optional=True),
+    Metric("perplexity ÷ the float model's", lambda c: _quality(c, "perplexity_ratio"), "{:.4f}", False,
+           optional=True),
 ]  # fmt: skip
+
+
+def _quality(cell: Cell, key: str, scale: float = 1.0) -> float | None:
+    return None if cell.quality is None else cell.quality[key] * scale
 
 
 def _megabytes(value: int | None) -> float | None:
@@ -116,6 +127,8 @@ def table_rows(cells: list[Cell], mark: str = " ◀") -> list[list[str]]:
     rows = []
     for metric in METRICS:
         values = [metric.value(c) for c in cells]
+        if metric.optional and all(value is None for value in values):
+            continue
         best = None
         ranked = [v for v in values if v is not None]
         if metric.higher_is_better is not None and len(ranked) > 1:
@@ -170,6 +183,7 @@ def verdicts(report: dict[str, Any]) -> list[str]:
                     text = _ratio_text(best, other, key, noun, higher, verb)
                     parts.append(f"{best.runtime}: {text} than {other.runtime}")
         lines.append(f"{scenario}, {threads} thread{'s' if threads > 1 else ''}: " + "; ".join(parts))
+    lines += _faithfulness(measured)
     for defaults in (c for c in ok if c.engine_defaults):
         tuned = next((c for c in measured if (c.runtime, c.scenario) == (defaults.runtime, defaults.scenario)), None)
         if tuned is None:
@@ -193,6 +207,27 @@ def verdicts(report: dict[str, Any]) -> list[str]:
             f"{share:.0%} identical greedy tokens, "
             f"differing {where}" + ("" if row["same_prompt_ids"] else " (prompt ids differ!)")
         )
+    return lines
+
+
+def _faithfulness(measured: list[Cell]) -> list[str]:
+    """A faster engine that is measurably less faithful to the float model, named as such (--quality)."""
+    from qwenrt.eval.report import measurably_apart
+
+    lines = []
+    for scenario, threads in sorted({(c.scenario, c.threads) for c in measured if c.quality}):
+        same = [c for c in measured if (c.scenario, c.threads) == (scenario, threads) and c.quality and c.decode_tps]
+        for fast in same:
+            for slow in same:
+                if fast is slow or fast.decode_tps.median <= slow.decode_tps.median:  # type: ignore[union-attr]
+                    continue
+                if fast.quality["kl_mean"] > slow.quality["kl_mean"] and measurably_apart(fast.quality, slow.quality):
+                    lines.append(
+                        f"{scenario}, {threads} thread{'s' if threads > 1 else ''}: {fast.runtime} decodes "
+                        f"{fast.decode_tps.median / slow.decode_tps.median:.2f}× faster than {slow.runtime} "  # type: ignore[union-attr]
+                        f"but is measurably less faithful to the float model (KL {fast.quality['kl_mean']:.4f} "
+                        f"against {slow.quality['kl_mean']:.4f})"
+                    )
     return lines
 
 
@@ -299,6 +334,8 @@ def write_csv(report: dict[str, Any], path: Path) -> None:
                 continue
             for metric in METRICS:
                 value = metric.value(cell)
+                if metric.optional and value is None:
+                    continue
                 writer.writerow([cell_label(cell).split(" ×")[0], cell.threads, cell.scenario, "ok", metric.label,
                                  "" if value is None else f"{value:.6g}"])  # fmt: skip
 

@@ -136,3 +136,24 @@ def environment(model_dir: Path, runtimes: list[str]) -> dict[str, Any]:
             for key, record in manifest.get("artifacts", {}).items()
         },
     }
+
+
+# compare --quality reads this much of the English corpus: enough to tell the engines apart
+# beyond noise on the demo model (BENCHMARKS.md, "Quality"), in seconds once the reference is cached.
+QUALITY_TOKENS = 1024
+
+
+def add_quality(report: dict[str, Any], model_dir: Path, progress: Callable[[str], None]) -> None:
+    """Give each measured cell its artifact's figures against the float model (qwenrt eval)."""
+    from qwenrt.eval.run import EvalSpec, evaluate
+
+    measured = [cell for cell in report["cells"] if isinstance(cell, Cell) and not cell.engine_defaults]
+    if not measured:
+        return
+    runtimes = list(dict.fromkeys(cell.runtime for cell in measured))
+    spec = EvalSpec(str(model_dir), "english", 512, QUALITY_TOKENS, measured[0].threads)
+    result = evaluate(spec, runtimes, progress)
+    figures = {entry["engine"]: entry["quality"] for entry in result["engines"] if entry["status"] == "ok"}
+    for cell in measured:
+        cell.quality = figures.get(cell.runtime)
+    report["quality"] = {"corpus": result["corpus"], "reference": result["reference"], "spec": result["spec"]}

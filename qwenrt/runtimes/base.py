@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from qwenrt.runtimes.probe import SafeFallback
 
 DEFAULT_CONTEXT = 4096
+# OpenAI's range for presence and frequency penalties; a repetition penalty above 2 only breaks text.
+MAX_ADDITIVE_PENALTY = 2.0
+MAX_REPETITION_PENALTY = 2.0
 StopReason = Literal["eos", "length", "stop", "cancelled"]
 
 
@@ -78,6 +81,17 @@ class GenerationConfig:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # Penalties, with one meaning on every engine (qwenrt.runtimes.penalties): repetition over
+    # the prompt's and the answer's tokens, presence and frequency over the answer's.
+    repetition_penalty: float = 1.0  # 1: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # A JSON schema (as JSON text) the answer must follow, enforced while decoding.
+    json_schema: str | None = None
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -88,6 +102,17 @@ class GenerationConfig:
             raise QwenrtError(f"top-p must be in (0, 1], not {self.top_p}")
         if self.top_k < 0:
             raise QwenrtError(f"top-k must be 0 (off) or more, not {self.top_k}")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise QwenrtError(
+                f"repetition penalty must be above 0 and at most {MAX_REPETITION_PENALTY:g}, "
+                f"not {self.repetition_penalty}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_ADDITIVE_PENALTY <= getattr(self, name) <= MAX_ADDITIVE_PENALTY:
+                raise QwenrtError(
+                    f"{name.replace('_', ' ')} must be between {-MAX_ADDITIVE_PENALTY:g} and {MAX_ADDITIVE_PENALTY:g}, "
+                    f"not {getattr(self, name)}"
+                )
 
 
 @dataclass(frozen=True)
@@ -149,6 +174,10 @@ class Engine(ABC):
     knobs: ClassVar[tuple[Knob, ...]] = ()
     # Settings that avoid crashes seen on some CPUs, tried in order when the probe crashes.
     safe_fallbacks: ClassVar[tuple[SafeFallback, ...]] = ()
+    # What a generation may ask beyond temperature, top-p, top-k, a seed and stop strings:
+    # penalties (GenerationConfig.penalised) and an answer held to a JSON schema while decoding.
+    applies_penalties: ClassVar[bool] = False
+    follows_json_schema: ClassVar[bool] = False
     concurrency: int = 1
 
     def __init__(
@@ -330,10 +359,30 @@ class Engine(ABC):
                 f"of {window}; shorten the prompt, lower --max-tokens or raise the context length"
             )
 
+    @classmethod
+    def cannot_do(cls, config: GenerationConfig) -> tuple[str, str] | None:
+        """The setting of ``config`` this engine cannot run as asked, and why (None: it can run it
+        all). Checked before any work, so that a request is refused rather than answered without
+        what it asked for."""
+        if config.penalised and not cls.applies_penalties:
+            return "penalties", f"the {cls.name} engine applies no repetition, presence or frequency penalties"
+        if config.json_schema is not None:
+            if not cls.follows_json_schema:
+                return "json_schema", f"the {cls.name} engine cannot hold an answer to a JSON schema"
+            from qwenrt.runtimes.grammar import json_schema_grammar
+
+            try:
+                json_schema_grammar(config.json_schema)
+            except Exception as exc:  # the converter raises plain exceptions of any kind
+                return "json_schema", f"this JSON schema cannot be made into a grammar: {exc}"
+        return None
+
     def stream(
         self, prompt_ids: list[int], config: GenerationConfig, cancel: threading.Event | None = None
     ) -> Iterator[Event]:
         """Stream one generation as TokenEvents, then one StreamEnd."""
+        if (refusal := self.cannot_do(config)) is not None:
+            raise QwenrtError(refusal[1])
         self.check_fits(len(prompt_ids), config.max_tokens)
         return self._stream(prompt_ids, config, cancel)
 

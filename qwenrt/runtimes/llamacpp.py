@@ -16,6 +16,7 @@ handed to a single thread; the hand-over costs well under 0.1 ms a token.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ from qwenrt.host import this_host
 from qwenrt.manifest import GGUF_KEY, trained_context_length
 from qwenrt.runtimes import mapped_pages
 from qwenrt.runtimes.base import DEFAULT_CONTEXT, Engine, EngineOptions, GenerationConfig
+from qwenrt.runtimes.grammar import json_schema_grammar
 from qwenrt.runtimes.probe import SafeFallback
 from qwenrt.runtimes.settings import Knob, ResolvedSettings, Rule
 
@@ -49,6 +51,8 @@ class LlamaCppEngine(Engine):
     artifact_key = GGUF_KEY
     artifact_format = "GGUF Q8_0"
     packages = ("llama-cpp-python",)
+    applies_penalties = True  # qwenrt's own (qwenrt.runtimes.penalties), on each step's logits
+    follows_json_schema = True  # a llama.cpp grammar made from the schema (qwenrt.runtimes.grammar)
     knobs = (
         # Weight repacking for the CPU's own kernels; on x86 the one that takes Q8_0 is AMX.
         Knob(EXTRA_BUFFER_TYPES, "repack weights for this CPU's special kernels (AMX on Intel Xeon)",
@@ -178,18 +182,23 @@ class LlamaCppEngine(Engine):
         # The seed sticks to the Llama object: without one, go back to llama.cpp's "random"
         # seed, or an earlier request's seed would make every later answer repeat.
         llm.set_seed(config.seed if config.seed is not None else LLAMA_DEFAULT_SEED)
+        failures: list[BaseException] = []
         tokens = llm.generate(
             prompt_ids,
             temp=config.temperature,
             top_k=config.top_k,
             top_p=config.top_p,
             min_p=0.0,
-            repeat_penalty=1.0,
+            repeat_penalty=1.0,  # llama.cpp's own penalties mean something else: see _penalties
             reset=True,
+            logits_processor=self._logits_processors(config, prompt_ids, failures),
+            grammar=_grammar(config.json_schema) if config.json_schema is not None else None,
         )
 
         def step() -> tuple[int, float] | None:
             token = next(tokens, None)
+            if failures:  # a processor failed inside llama.cpp's sampler, which cannot pass it on
+                raise failures[0]
             return None if token is None else (token, time.perf_counter())
 
         # One token per hand-over, each asked for by the reader: nothing is evaluated ahead
@@ -199,6 +208,51 @@ class LlamaCppEngine(Engine):
                 yield produced
         finally:
             self.on_engine_thread(tokens.close)
+
+    def _logits_processors(self, config: GenerationConfig, prompt_ids: list[int], failures: list[BaseException]) -> Any:
+        """What qwenrt changes in each step's logits before llama.cpp's samplers (None: nothing).
+        They run inside a ctypes callback, where an exception would be printed and forgotten: each
+        one's failure goes into ``failures`` instead, for the generation to raise."""
+        from llama_cpp import LogitsProcessorList
+
+        processors = []
+        if config.penalised:
+            processors.append(_penalties(config, prompt_ids))
+        if config.json_schema is not None:
+            # A finished grammar lets llama.cpp end on any token it counts as an end of generation
+            # (<|endoftext|> too), which this engine does not stop at: the answer would run on with
+            # empty tokens to the budget. Only the engine's own end tokens stay open, as in GenAI.
+            others = self._other_end_tokens
+
+            def end_as_this_engine_does(input_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+                logits[others] = float("-inf")
+                return logits
+
+            processors.append(end_as_this_engine_does)
+        if not processors:
+            return None
+
+        def guarded(processor: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Callable[..., np.ndarray]:
+            def run(input_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+                try:
+                    return processor(input_ids, logits)
+                except BaseException as exc:
+                    failures.append(exc)
+                    return logits
+
+            return run
+
+        return LogitsProcessorList([guarded(processor) for processor in processors])
+
+    @functools.cached_property
+    def _other_end_tokens(self) -> np.ndarray:
+        """Tokens llama.cpp counts as ends of generation besides this engine's EOS (read once)."""
+        import llama_cpp
+        import numpy as np
+
+        vocab = self._llm._model.vocab
+        ends = [t for t in range(self._llm.n_vocab()) if t not in self._eos and llama_cpp.llama_vocab_is_eog(vocab, t)]
+        return np.array(ends, dtype=np.int64)
 
     def settings(self) -> dict[str, Any]:
         from llama_cpp import llama_load_mode_name
@@ -231,6 +285,28 @@ class LlamaCppEngine(Engine):
 
 
 _MODEL_PARAMS_LOCK = threading.Lock()
+
+
+def _penalties(config: GenerationConfig, prompt_ids: list[int]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The penalties as qwenrt means them, applied to each step's logits before llama.cpp's
+    samplers. Its own penalty sampler sees only the answer's last 64 tokens and not the
+    prompt, so a repetition penalty would mean less there than on OpenVINO."""
+    from qwenrt.runtimes.penalties import apply_penalties
+
+    prompt_length = len(prompt_ids)
+
+    def penalise(input_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        # input_ids: the sequence so far, this prompt then the answer's tokens
+        return apply_penalties(logits, input_ids[:prompt_length], input_ids[prompt_length:], config.repetition_penalty,
+                               config.presence_penalty, config.frequency_penalty)  # fmt: skip
+
+    return penalise
+
+
+def _grammar(json_schema: str) -> Any:
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    return LlamaGrammar.from_string(json_schema_grammar(json_schema), verbose=False)
 
 
 def _repacks_into_amx(extra_buffer_types: bool | None) -> bool:

@@ -31,6 +31,7 @@ from qwenrt.manifest import OPENVINO_KEY
 from qwenrt.runtimes import mapped_pages
 from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig, TokenRelay
 from qwenrt.runtimes.byte_vocab import token_byte_table
+from qwenrt.runtimes.grammar import json_schema_grammar
 from qwenrt.runtimes.probe import SafeFallback
 from qwenrt.runtimes.settings import Knob, ResolvedSettings, Rule
 
@@ -87,6 +88,8 @@ class OpenVINOEngine(Engine):
     artifact_format = "OpenVINO IR, INT8 weights"
     batches = True
     packages = ("openvino", "openvino-genai", "openvino-tokenizers")
+    applies_penalties = True  # GenAI's sampler; its meaning is the one qwenrt gives every engine
+    follows_json_schema = True  # GenAI's StructuredOutputConfig (XGrammar), on qwenrt.runtimes.grammar
     knobs = (
         Knob(PRECISION, "the arithmetic of the non-INT8 parts (f32, or bf16/f16 where the CPU has them)",
              _precisions, lambda host: plugin_default(PRECISION), rules=(
@@ -319,10 +322,17 @@ class OpenVINOEngine(Engine):
         generation.ignore_eos = config.ignore_eos
         generation.stop_strings = set()  # stop strings are cut by qwenrt, the same way for every engine
         # A checkpoint's generation_config.json (Qwen's has repetition_penalty 1.1, top_k 20) must
-        # not change what is asked: llama.cpp runs with no penalties, no top-k cut, no minimum length.
-        generation.repetition_penalty = 1.0
-        generation.presence_penalty = 0.0
-        generation.frequency_penalty = 0.0
+        # not change what is asked: every setting comes from the request (the server applies the
+        # model's defaults where a request says nothing, the same way for every engine).
+        # The penalties' meaning is GenAI's own (qwenrt.runtimes.penalties follows it for the others).
+        generation.repetition_penalty = config.repetition_penalty
+        generation.presence_penalty = config.presence_penalty
+        generation.frequency_penalty = config.frequency_penalty
+        if config.json_schema is not None:
+            # The grammar llama.cpp gets too, not GenAI's own JSON-schema mode (see qwenrt.runtimes.grammar).
+            generation.structured_output_config = ov_genai.StructuredOutputConfig(
+                grammar=json_schema_grammar(config.json_schema)
+            )
         generation.min_new_tokens = 0
         generation.no_repeat_ngram_size = ov_genai.GenerationConfig().no_repeat_ngram_size
         generation.top_k = config.top_k or ov_genai.GenerationConfig().top_k  # 0 is "off"

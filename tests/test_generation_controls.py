@@ -1,0 +1,186 @@
+"""Penalties and JSON-schema answers on every engine that declares them, on real engines.
+
+Penalties are checked against their definition (qwenrt.runtimes.penalties) applied by hand,
+step by step, to the engine's own logits: both engines then mean the same by the same
+request. Schema answers are checked by parsing and validating them; the tiny model's
+weights are random, so only the grammar can make them valid.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+from conftest import ENGINES
+
+from qwenrt.errors import QwenrtError
+from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, TokenEvent, engine_class, open_engine
+from qwenrt.runtimes.penalties import apply_penalties
+
+PENALISING = [name for name in ENGINES if engine_class(name).applies_penalties]
+SCHEMA_FOLLOWING = [name for name in ENGINES if engine_class(name).follows_json_schema]
+# A prompt the tiny test model answers by repeating tokens (greedy: one token four times over, another
+# three times, on both engines).
+REPEATING = [{"role": "user", "content": "the the the the"}]
+VERDICT = {
+    "type": "object",
+    "properties": {
+        "answer": {"type": "string", "enum": ["yes", "no", "maybe"]},
+        "sure": {"type": "boolean"},
+        "colour": {"type": "string", "enum": ["red", "green", "blue"]},
+    },
+    "required": ["answer", "sure", "colour"],
+    "additionalProperties": False,
+}
+
+
+def test_penalties_as_defined_by_hand() -> None:
+    logits = np.array([2.0, -2.0, 1.0, -1.0, 0.5, 3.0], dtype=np.float32)
+    prompt, answer = [0, 1], [2, 2, 3, 4]
+    out = apply_penalties(logits.copy(), prompt, answer, repetition=2.0)
+    # every token of the prompt or the answer: positive logits halved, negative ones doubled; token 5 untouched
+    np.testing.assert_allclose(out, [1.0, -4.0, 0.5, -2.0, 0.25, 3.0])
+    out = apply_penalties(logits.copy(), prompt, answer, presence=0.3, frequency=0.4)
+    # the answer's tokens only (2 twice, 3 and 4 once): presence, then frequency x count, each towards lower
+    # logits when the logit is 0 or more at that point, the other way when below: 0.5 - 0.3 = 0.2, then
+    # 0.2 - 0.4 = -0.2; 1.0 - 0.3 - 0.8 = -0.1; -1.0 + 0.3 + 0.4 = -0.3
+    np.testing.assert_allclose(out, [2.0, -2.0, -0.1, -0.3, 0.2 - 0.4, 3.0], rtol=1e-6)
+    assert apply_penalties(logits.copy(), prompt, [], presence=1.0, frequency=1.0).tolist() == logits.tolist()
+
+
+@pytest.fixture(scope="module")
+def logit_engines(tiny_model: Path):
+    opened = {name: open_engine(name, tiny_model, EngineOptions(threads=1, all_logits=True)) for name in PENALISING}
+    yield opened
+    for engine in opened.values():
+        engine.close()
+
+
+def greedy_ids(engine, messages: list[dict[str, str]], config: GenerationConfig) -> list[int]:
+    return [e.token_id for e in engine.stream_chat(messages, config) if isinstance(e, TokenEvent) and e.token_id >= 0]
+
+
+def by_hand(logit_engine, prompt: list[int], tokens: int, **penalties: float) -> list[int]:
+    """Greedy decoding with the penalties' definition applied to the engine's own logits, step by step."""
+    answer: list[int] = []
+    for _ in range(tokens):
+        logits = logit_engine.window_logits(prompt + answer)[-1].astype(np.float64)
+        answer.append(int(np.argmax(apply_penalties(logits, prompt, answer, **penalties))))
+    return answer
+
+
+@pytest.mark.parametrize("name", PENALISING)
+@pytest.mark.parametrize(
+    "penalties",
+    [{"repetition": 1.5}, {"presence": 1.5}, {"frequency": 0.7},
+     {"repetition": 1.3, "presence": 0.5, "frequency": 0.3}],
+    ids=["repetition", "presence", "frequency", "all three"],
+)  # fmt: skip
+def test_penalised_greedy_answer_is_the_definition_applied_to_the_engine_s_logits(
+    name: str, penalties: dict[str, float], engines: dict, logit_engines: dict
+) -> None:
+    engine = engines[name]
+    prompt = engine.chat_prompt_ids(REPEATING)
+    plain = greedy_ids(engine, REPEATING, GenerationConfig(max_tokens=16, ignore_eos=True))
+    assert most_repeats(plain) >= 3, plain
+    config = GenerationConfig(max_tokens=16, ignore_eos=True, repetition_penalty=penalties.get("repetition", 1.0),
+                              presence_penalty=penalties.get("presence", 0.0),
+                              frequency_penalty=penalties.get("frequency", 0.0))  # fmt: skip
+    penalised = greedy_ids(engine, REPEATING, config)
+    assert penalised == by_hand(logit_engines[name], prompt, 16, **penalties)
+    assert most_repeats(penalised) < most_repeats(plain), (penalised, plain)  # it repeats itself less
+
+
+def most_repeats(ids: list[int]) -> int:
+    return max(Counter(ids).values())
+
+
+@pytest.mark.parametrize("name", SCHEMA_FOLLOWING)
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_answer_follows_the_json_schema(name: str, temperature: float, engines: dict) -> None:
+    engine = engines[name]
+    for seed in range(3 if temperature else 1):
+        config = GenerationConfig(max_tokens=64, temperature=temperature, seed=seed, json_schema=json.dumps(VERDICT))
+        events = list(engine.stream_chat(REPEATING, config))
+        end = events[-1]
+        assert isinstance(end, StreamEnd) and end.reason == "eos", end  # the grammar ends the answer
+        jsonschema.validate(json.loads(end.text), VERDICT)
+
+
+@pytest.mark.parametrize("name", SCHEMA_FOLLOWING)
+def test_json_object_answer_is_an_object(name: str, engines: dict) -> None:
+    config = GenerationConfig(max_tokens=200, json_schema='{"type": "object"}')
+    end = list(engines[name].stream_chat(REPEATING, config))[-1]
+    assert end.text.lstrip().startswith("{"), end.text
+    if end.reason == "eos":  # within the budget: whole, and an object
+        assert isinstance(json.loads(end.text), dict)
+
+
+def test_an_engine_without_a_control_refuses_it_before_any_work() -> None:
+    transformers = engine_class("transformers")
+    assert transformers.cannot_do(GenerationConfig(repetition_penalty=1.1))[0] == "penalties"
+    assert transformers.cannot_do(GenerationConfig(json_schema="{}"))[0] == "json_schema"
+    assert transformers.cannot_do(GenerationConfig()) is None
+
+
+@pytest.mark.parametrize("name", SCHEMA_FOLLOWING)
+def test_a_schema_that_makes_no_grammar_is_refused_before_any_work(name: str, engines: dict) -> None:
+    config = GenerationConfig(json_schema=json.dumps({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}))
+    refusal = engine_class(name).cannot_do(config)
+    assert refusal is not None and refusal[0] == "json_schema" and "grammar" in refusal[1]
+    with pytest.raises(QwenrtError, match="grammar"):
+        list(engines[name].stream_chat(REPEATING, config))
+
+
+def test_both_engines_hold_the_answer_to_the_same_grammar(engines: dict) -> None:
+    """One grammar for every engine: on the same logits' best tokens they write the same JSON."""
+    config = GenerationConfig(max_tokens=64, json_schema=json.dumps(VERDICT))
+    answers = {name: list(engines[name].stream_chat(REPEATING, config))[-1].text for name in SCHEMA_FOLLOWING}
+    assert len(set(answers.values())) == 1, answers
+
+
+@pytest.mark.parametrize("setting", [{"repetition_penalty": 0}, {"presence_penalty": 2.5}, {"frequency_penalty": -3}])
+def test_generation_config_refuses_penalties_out_of_range(setting: dict) -> None:
+    with pytest.raises(QwenrtError, match="penalty"):
+        GenerationConfig(**setting)
+
+
+def test_json_strings_hold_no_raw_control_characters() -> None:
+    """JSON forbids them in strings; llama-cpp-python 0.3.36's converter let them through."""
+    from qwenrt.runtimes.grammar import json_schema_grammar
+
+    char = next(line for line in json_schema_grammar('{"type": "object"}').splitlines() if line.startswith("char ::="))
+    assert char.startswith('char ::= [^"\\\\\\x7F\\x00-\\x1F] |'), char
+
+
+# --- the demo model -----------------------------------------------------------------------
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "minimum": 0},
+        "languages": {"type": "array", "items": {"type": "string"}},
+        "remote": {"type": "boolean"},
+    },
+    "required": ["name", "age", "languages", "remote"],
+    "additionalProperties": False,
+}
+EXTRACT = [{"role": "user", "content": "Extract the person as JSON: Lena Park, 34, writes Rust and Go, and works "
+                                      "from home in Busan."}]  # fmt: skip
+
+
+@pytest.mark.real_weights
+@pytest.mark.parametrize("name", SCHEMA_FOLLOWING)
+def test_demo_model_extracts_json_that_follows_the_schema(name: str, demo_model: Path) -> None:
+    with open_engine(name, demo_model, EngineOptions(threads=1)) as engine:
+        end = list(engine.stream_chat(EXTRACT, GenerationConfig(max_tokens=80, json_schema=json.dumps(PERSON))))[-1]
+    print(f"\n--- {name}: {end.text}")
+    person = json.loads(end.text)
+    jsonschema.validate(person, PERSON)
+    assert person["name"] == "Lena Park" and person["age"] == 34 and person["remote"] is True
+    assert {"Rust", "Go"} <= set(person["languages"])

@@ -462,6 +462,10 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
     show_default=True,
     help="Open connections beyond this are refused with 503.",
 )
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="A browser origin allowed to call the API (repeat for more; '*' for any).")  # fmt: skip
+@click.option("--sse-keep-alive", type=click.FloatRange(0.05), default=15.0, show_default=True,
+              help="Seconds of silence in a stream (prefill, queue) before a keep-alive comment.")  # fmt: skip
 @click.option("--api-key", envvar="QWENRT_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' [env: QWENRT_API_KEY].")  # fmt: skip
 @click.option("--model-name", default=None, help="Model id shown to clients [default: the model folder's name].")
@@ -471,14 +475,14 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
 def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, huge_pages: bool,
           context_length: int | None, set_values: tuple[str, ...], parallel: int, host: str, port: int,
           max_tokens_limit: int, max_queue: int, max_body_bytes: int, request_timeout: float, keep_alive: float,
-          max_connections: int, api_key: str | None, model_name: str | None, prefix_cache: bool,
-          no_access_log: bool) -> None:  # fmt: skip
+          max_connections: int, cors_origins: tuple[str, ...], sse_keep_alive: float, api_key: str | None,
+          model_name: str | None, prefix_cache: bool, no_access_log: bool) -> None:  # fmt: skip
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions), streaming.
 
     Stops cleanly on SIGTERM or Ctrl-C: answers in flight get up to 10 s to finish.
     """
     from qwenrt.runtimes import EngineOptions, engine_class, open_engine
-    from qwenrt.serve.app import ServerLimits
+    from qwenrt.serve.app import EngineStart, ServerLimits
     from qwenrt.serve.server import is_loopback, listen, serve
 
     model_dir = _model_dir(model)
@@ -491,15 +495,16 @@ def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, huge
                             settings=_parse_settings(set_values))  # fmt: skip
     limits = ServerLimits(max_body_bytes=max_body_bytes, max_tokens=max_tokens_limit, max_queue=max_queue,
                           api_key=api_key, request_timeout_s=request_timeout, keep_alive_s=keep_alive,
-                          max_connections=max_connections)  # fmt: skip
-    # Bind before loading the model: a taken port is reported at once, not after the load.
+                          max_connections=max_connections, cors_origins=cors_origins,
+                          sse_keep_alive_s=sse_keep_alive)  # fmt: skip
+    # Bind before loading the model: a taken port is reported at once, and /health answers
+    # 503 while the model loads.
     sock = listen(host, port)
+    start = EngineStart(runtime, model_dir, lambda: open_engine(runtime, model_dir, options))
     try:
-        engine = open_engine(runtime, model_dir, options)
-    except BaseException:
+        serve(start, model_name or model_dir.name, sock, limits, access_log=not no_access_log)
+    finally:
         sock.close()
-        raise
-    serve(engine, model_name or model_dir.name, sock, limits, access_log=not no_access_log)
 
 
 @cli.command()

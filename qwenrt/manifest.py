@@ -91,3 +91,15 @@ def trained_context_length(model_path: Path) -> int | None:
         if (value := read_manifest(folder).get("context_length")) is not None:
             return int(value)
     return None
+
+
+def generation_defaults(model_dir: Path) -> dict[str, Any]:
+    """The checkpoint's generation_config.json (its sampling defaults), if the model folder has one."""
+    for path in (Path(model_dir) / "generation_config.json", Path(model_dir) / OPENVINO_DIR / "generation_config.json"):
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(value, dict):
+            return value
+    return {}

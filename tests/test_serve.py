@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,18 +23,27 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import openai
 import psutil
+import pydantic
 import pytest
 from conftest import ENGINES, QWENRT
 from helpers import anonymous_huge_page_bytes, kernel_collapses
 from tiny_model import build_tiny_qwen2
 
-from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, open_engine
-from qwenrt.serve.protocol import DEFAULT_TEMPERATURE, RequestError, parse_chat_request
+from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, engine_class, open_engine
+from qwenrt.serve.protocol import (
+    CHAT_FIELDS,
+    DEFAULT_TEMPERATURE,
+    HONOURED,
+    JSON_OBJECT_SCHEMA,
+    RequestError,
+    SamplingDefaults,
+    parse_chat_request,
+)
 
 # The model folder's name, which is the model id the server shows by default.
 MODEL_ID = "tiny-serve"
@@ -77,6 +87,7 @@ class Server:
 
     def __init__(self, runtime: str, model: Path, log: Path, *options: str) -> None:
         self.runtime = runtime
+        self.model_dir = model
         self.log = log
         self.terminated = False
         # One thread: llama.cpp's spinning pool collapses when the test process takes one of the two cores.
@@ -424,7 +435,11 @@ def test_raw_answers(server: Server) -> None:
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", None),
         ({"max_tokens": 0}, "max_tokens", None),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", None),
-        ({"frequency_penalty": 0.5}, "frequency_penalty", None),
+        ({"frequency_penalty": 2.5}, "frequency_penalty", None),
+        ({"logprobs": True}, "logprobs", "unsupported_field"),
+        ({"extra_body": {"max_token": 5}}, "max_token", "unknown_field"),  # a misspelt field is named, not ignored
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
+         "response_format.json_schema.schema", None),
     ],
 )  # fmt: skip
 def test_bad_request_through_the_client(server: Server, request_fields: dict[str, Any], param: str,
@@ -828,8 +843,38 @@ def body(**fields: Any) -> dict[str, Any]:
         (body(seed="1"), "seed"),
         (body(n=2), "n"),
         (body(n=0), "n"),
-        (body(frequency_penalty=0.5), "frequency_penalty"),
-        (body(presence_penalty=-1), "presence_penalty"),
+        (body(frequency_penalty=2.5), "frequency_penalty"),
+        (body(presence_penalty=-2.01), "presence_penalty"),
+        (body(presence_penalty="1"), "presence_penalty"),
+        (body(repetition_penalty=0), "repetition_penalty"),
+        (body(repetition_penalty=2.5), "repetition_penalty"),
+        (body(top_k=-1), "top_k"),
+        (body(top_k=2.5), "top_k"),
+        (body(max_token=5), "max_token"),  # misspelt: named, never ignored
+        (body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+        (body(logprobs=True), "logprobs"),
+        (body(top_logprobs=3), "top_logprobs"),
+        (body(logit_bias={"5": 10}), "logit_bias"),
+        (body(store=True), "store"),
+        (body(metadata={"a": "b"}), "metadata"),
+        (body(modalities=["text", "audio"]), "modalities"),
+        (body(service_tier="flex"), "service_tier"),
+        (body(tool_choice="auto"), "tool_choice"),
+        (body(parallel_tool_calls=True), "parallel_tool_calls"),
+        (body(user=5), "user"),
+        (body(response_format="json"), "response_format"),
+        (body(response_format={"type": "yaml"}), "response_format"),
+        (body(response_format={"type": "json_schema"}), "response_format.json_schema"),
+        (body(response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
+         "response_format.json_schema.name"),
+        (body(response_format={"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}),
+         "response_format.json_schema.name"),
+        (body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": []}}),
+         "response_format.json_schema.schema"),
+        (body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "thing"}}}),
+         "response_format.json_schema.schema"),
+        (body(response_format={"type": "json_schema", "json_schema": {"name": "x", "strict": "yes"}}),
+         "response_format.json_schema.strict"),
         (body(stream="yes"), "stream"),
         (body(stream=1), "stream"),
         (body(stream_options="yes"), "stream_options"),
@@ -867,11 +912,24 @@ def test_parser_defaults() -> None:
     # OpenAI's default temperature: a client that leaves it out samples, as it would there.
     assert DEFAULT_TEMPERATURE == 1.0
     assert (chat.stream, chat.include_usage, chat.ignore_eos) == (False, False, False)
+    assert (chat.top_k, chat.repetition_penalty, chat.presence_penalty, chat.frequency_penalty) == (0, 1.0, 0.0, 0.0)
+    assert chat.json_schema is None
+
+
+def test_parser_takes_the_model_s_sampling_defaults_where_a_request_says_nothing() -> None:
+    # Qwen2.5-Instruct's generation_config.json, as its checkpoints ship it
+    qwen = SamplingDefaults.of_model({"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.7,
+                                      "top_p": 0.8, "top_k": 20, "bos_token_id": 151643})  # fmt: skip
+    assert qwen == SamplingDefaults(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+    chat = parse_chat_request(body(), max_tokens_limit=100, defaults=qwen)
+    assert (chat.temperature, chat.top_p, chat.top_k, chat.repetition_penalty) == (0.7, 0.8, 20, 1.05)
+    asked = parse_chat_request(body(temperature=0, top_k=0, repetition_penalty=1), max_tokens_limit=100, defaults=qwen)
+    assert (asked.temperature, asked.top_p, asked.top_k, asked.repetition_penalty) == (0.0, 0.8, 0, 1.0)
+    assert SamplingDefaults.of_model({}) == SamplingDefaults()
 
 
 def test_parser_reads_json_null_as_not_given() -> None:
-    nulls = dict.fromkeys(["max_tokens", "temperature", "top_p", "seed", "n", "stop", "stream", "stream_options",
-                           "frequency_penalty", "presence_penalty", "ignore_eos"])  # fmt: skip
+    nulls = dict.fromkeys(CHAT_FIELDS.keys() - {"messages"})
     assert parse_chat_request(body(**nulls), max_tokens_limit=100) == parse_chat_request(body(), max_tokens_limit=100)
 
 
@@ -890,7 +948,11 @@ def test_parser_reads_every_field() -> None:
     chat = parse_chat_request(
         {"messages": messages, "max_tokens": 50, "max_completion_tokens": 60, "temperature": 0, "top_p": 0.5,
          "seed": 2**32 - 1, "n": 1, "stop": ["", "END"], "stream": True, "stream_options": {"include_usage": True},
-         "frequency_penalty": 0, "presence_penalty": 0.0, "ignore_eos": True, "user": "someone", "model": "any"},
+         "frequency_penalty": 0.5, "presence_penalty": -0.5, "repetition_penalty": 1.2, "top_k": 20,
+         "ignore_eos": True, "user": "someone", "model": "any", "response_format": {"type": "json_object"},
+         "store": False, "metadata": {}, "service_tier": "auto", "modalities": ["text"], "tool_choice": "none",
+         "logprobs": False, "top_logprobs": 0, "logit_bias": {}, "tools": [], "prompt_cache_key": "k",
+         "prompt_cache_retention": "in_memory", "safety_identifier": "x"},
         max_tokens_limit=100,
     )  # fmt: skip
     assert chat.messages == [
@@ -902,9 +964,273 @@ def test_parser_reads_every_field() -> None:
     assert chat.max_tokens == 60  # the newer name wins
     assert (chat.stream, chat.include_usage) == (True, True)
     assert chat.generation(60) == GenerationConfig(
-        max_tokens=60, temperature=0.0, top_p=0.5, seed=2**32 - 1, stop=("END",), ignore_eos=True
+        max_tokens=60,
+        temperature=0.0,
+        top_p=0.5,
+        top_k=20,
+        seed=2**32 - 1,
+        stop=("END",),
+        ignore_eos=True,
+        repetition_penalty=1.2,
+        presence_penalty=-0.5,
+        frequency_penalty=0.5,
+        json_schema=JSON_OBJECT_SCHEMA,
     )
+    assert chat.user == "someone"
     assert parse_chat_request(body(stop="END"), max_tokens_limit=100).stop == ("END",)
+
+
+# --- every field of OpenAI's request: honoured or refused by name --------------------------
+
+# For each field of the official client's chat-completion request: a value this server takes
+# (None: none but the field's "off" value) and one it refuses by name (None: it takes every
+# value of the right shape). A field the openai package gains fails here until it is decided.
+FIELD_EXAMPLES: dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]] = {
+    "audio": (None, {"audio": {"voice": "alloy", "format": "wav"}}),
+    "frequency_penalty": ({"frequency_penalty": 0.5}, {"frequency_penalty": 3}),
+    "function_call": (None, {"function_call": "auto"}),
+    "functions": (None, {"functions": [{"name": "f", "parameters": {}}]}),
+    "logit_bias": (None, {"logit_bias": {"42": 5}}),
+    "logprobs": (None, {"logprobs": True}),
+    "max_completion_tokens": ({"max_completion_tokens": 5}, {"max_completion_tokens": 0}),
+    "max_tokens": ({"max_tokens": 5}, {"max_tokens": 0}),
+    "messages": ({"messages": HELLO}, {"messages": []}),
+    "metadata": ({"metadata": {}}, {"metadata": {"a": "b"}}),
+    "modalities": ({"modalities": ["text"]}, {"modalities": ["audio"]}),
+    "model": ({"model": "anything"}, {"model": 5}),
+    "moderation": (None, {"moderation": True}),
+    "n": ({"n": 1}, {"n": 2}),
+    "parallel_tool_calls": (None, {"parallel_tool_calls": True}),
+    "prediction": (None, {"prediction": {"type": "content", "content": "x"}}),
+    "presence_penalty": ({"presence_penalty": -0.5}, {"presence_penalty": 2.5}),
+    "prompt_cache_key": ({"prompt_cache_key": "k"}, {"prompt_cache_key": 5}),
+    "prompt_cache_options": (None, {"prompt_cache_options": {}}),
+    "prompt_cache_retention": ({"prompt_cache_retention": "in_memory"}, {"prompt_cache_retention": "24h"}),
+    "reasoning_effort": (None, {"reasoning_effort": "low"}),
+    "response_format": ({"response_format": {"type": "json_object"}}, {"response_format": {"type": "yaml"}}),
+    "safety_identifier": ({"safety_identifier": "x"}, {"safety_identifier": 5}),
+    "seed": ({"seed": 1}, {"seed": -1}),
+    "service_tier": ({"service_tier": "auto"}, {"service_tier": "flex"}),
+    "stop": ({"stop": "x"}, {"stop": 5}),
+    "store": ({"store": False}, {"store": True}),
+    "stream": ({"stream": True}, {"stream": "yes"}),
+    "stream_options": ({"stream": True, "stream_options": {"include_usage": True}}, {"stream_options": "x"}),
+    "temperature": ({"temperature": 0.5}, {"temperature": 3}),
+    "tool_choice": ({"tool_choice": "none"}, {"tool_choice": "auto"}),
+    "tools": (None, {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+    "top_logprobs": (None, {"top_logprobs": 3}),
+    "top_p": ({"top_p": 0.5}, {"top_p": 0}),
+    "user": ({"user": "u"}, {"user": 5}),
+    "verbosity": (None, {"verbosity": "low"}),
+    "web_search_options": (None, {"web_search_options": {}}),
+}  # fmt: skip
+
+
+def openai_request_fields() -> set[str]:
+    from openai.types.chat import completion_create_params as params
+
+    return {key for kind in (params.CompletionCreateParamsStreaming, params.CompletionCreateParamsNonStreaming)
+            for key in kind.__required_keys__ | kind.__optional_keys__}  # fmt: skip
+
+
+def test_every_field_of_the_openai_request_is_honoured_or_refused_by_name() -> None:
+    fields = openai_request_fields()
+    assert fields <= CHAT_FIELDS.keys(), f"fields the server has not decided on: {sorted(fields - CHAT_FIELDS.keys())}"
+    assert fields == FIELD_EXAMPLES.keys(), sorted(fields ^ FIELD_EXAMPLES.keys())
+    for name in sorted(fields):
+        accepted, refused = FIELD_EXAMPLES[name]
+        assert (CHAT_FIELDS[name] == HONOURED) == (accepted is not None), name
+        if accepted is not None:
+            parse_chat_request({"messages": HELLO, **accepted}, max_tokens_limit=100)
+        if refused is not None:
+            with pytest.raises(RequestError) as refusal:
+                parse_chat_request({"messages": HELLO, **refused}, max_tokens_limit=100)
+            assert refusal.value.param == name and refusal.value.status == 400, (name, refusal.value)
+            assert name in str(refusal.value)
+
+
+class Verdict(pydantic.BaseModel):
+    answer: Literal["yes", "no", "maybe"]
+    sure: bool
+    colour: Literal["red", "green", "blue"]
+
+
+def test_structured_output_through_the_official_client_s_parse(server: Server) -> None:
+    client = server.client()
+    for temperature in (0.0, 1.0):
+        completion = client.chat.completions.parse(model=MODEL_ID, messages=HELLO, response_format=Verdict,
+                                                   max_tokens=64, temperature=temperature, seed=3)  # fmt: skip
+        choice = completion.choices[0]
+        assert choice.finish_reason == "stop"
+        assert isinstance(choice.message.parsed, Verdict), choice.message.content
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_json_schema_and_json_object_answers_streamed_or_not(server: Server, stream: bool) -> None:
+    schema = Verdict.model_json_schema()
+    response_format = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}}
+    kwargs = {"model": MODEL_ID, "messages": HELLO, "max_tokens": 64, "temperature": 0}
+    client = server.client()
+    if stream:
+        text = stream_text(list(client.chat.completions.create(**kwargs, response_format=response_format,
+                                                               stream=True)))  # fmt: skip
+    else:
+        text = client.chat.completions.create(**kwargs, response_format=response_format).choices[0].message.content
+    Verdict.model_validate_json(text)
+    answer = client.chat.completions.create(**kwargs | {"max_tokens": 200}, response_format={"type": "json_object"})
+    content = answer.choices[0].message.content
+    assert content.lstrip().startswith("{"), content
+    if answer.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+
+
+def test_penalties_through_the_server_are_the_engine_s_own(server: Server, local_engines: dict) -> None:
+    messages = [{"role": "user", "content": "fox fox fox fox fox fox"}]
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 0.3}
+    answer = server.client().chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24, temperature=0,
+                                                     extra_body={"repetition_penalty": 1.3, "ignore_eos": True},
+                                                     **penalties)  # fmt: skip
+    config = GenerationConfig(max_tokens=24, repetition_penalty=1.3, ignore_eos=True, **penalties)
+    engine = local_engines[server.runtime]
+    local = list(engine.stream_chat(messages, config))[-1]
+    plain = list(engine.stream_chat(messages, GenerationConfig(max_tokens=24, ignore_eos=True)))[-1]
+    assert answer.choices[0].message.content == local.text != plain.text
+
+
+def test_models_show_the_sampling_defaults(server: Server) -> None:
+    model = server.http.get("/v1/models").json()["data"][0]
+    assert model["sampling_defaults"] == SamplingDefaults().describe()  # the tiny checkpoint's config says none
+
+
+def test_the_model_s_generation_config_is_the_default_of_a_request(serve_model: Path, local_engines: dict,
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    model = tmp_path / "with-defaults"
+    shutil.copytree(serve_model, model)
+    # As Qwen2.5-Instruct's checkpoints ship it, with greedy decoding so that the answer can be compared.
+    (model / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.0, "top_p": 0.8,
+                                                              "top_k": 20, "repetition_penalty": 1.4}))  # fmt: skip
+    messages = [{"role": "user", "content": "fox fox fox fox fox fox"}]
+    runtime = ENGINES[0]
+    with running(runtime, model, tmp_path / "server.log") as server:
+        shown = server.http.get("/v1/models").json()["data"][0]["sampling_defaults"]
+        assert shown == {"temperature": 0.0, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.4,
+                         "presence_penalty": 0.0, "frequency_penalty": 0.0}  # fmt: skip
+        client = server.client()
+        answer = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=16,
+                                                extra_body={"ignore_eos": True})  # fmt: skip
+        asked = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=16,
+                                               extra_body={"ignore_eos": True, "repetition_penalty": 1.0})  # fmt: skip
+        assert_stopped_cleanly(server)
+    engine = local_engines[runtime]
+    defaults = GenerationConfig(max_tokens=16, top_p=0.8, top_k=20, repetition_penalty=1.4, ignore_eos=True)
+    defaulted = list(engine.stream_chat(messages, defaults))[-1]
+    plain = list(engine.stream_chat(messages, GenerationConfig(max_tokens=16, ignore_eos=True)))[-1]
+    assert answer.choices[0].message.content == defaulted.text
+    assert asked.choices[0].message.content == plain.text != defaulted.text
+
+
+# --- operations: metrics, CORS, keep-alive, loading ---------------------------------------
+
+
+def scrape(server: Server, **headers: str) -> dict[str, float]:
+    """GET /metrics, parsed by prometheus_client's own parser: each sample by name and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = server.http.get("/metrics", headers=headers)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain"), response.text
+    return {sample.name + json.dumps(sample.labels, sort_keys=True): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}  # fmt: skip
+
+
+def test_metrics_count_what_the_server_did(server: Server) -> None:
+    before = scrape(server)
+    health = server.health()
+    info = next(value for key, value in before.items() if key.startswith("qwenrt_server_info"))
+    assert info == 1.0
+    info_labels = next(key for key in before if key.startswith("qwenrt_server_info"))
+    for label in (f'"engine": "{server.runtime}"', f'"model": "{MODEL_ID}"', '"threads": "1"',
+                  f'"parallel": "{server.parallel}"'):  # fmt: skip
+        assert label in info_labels, info_labels
+    assert before['qwenrt_requests_total{"outcome": "completed"}'] == health["completed"]
+    assert before["qwenrt_generation_tokens_total{}"] == health["generated_tokens"]
+    server.client().chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=12,
+                                            extra_body={"ignore_eos": True})  # fmt: skip
+    with pytest.raises(openai.BadRequestError):
+        server.client().chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=0)
+    after = scrape(server)
+    grew = {key: after[key] - before.get(key, 0.0) for key in after}
+    assert grew['qwenrt_requests_total{"outcome": "completed"}'] == 1
+    assert grew['qwenrt_requests_total{"outcome": "refused"}'] == 1
+    assert grew["qwenrt_generation_tokens_total{}"] == 12
+    assert grew["qwenrt_prompt_tokens_total{}"] == len(local_prompt_ids(server))
+    assert grew["qwenrt_time_to_first_token_seconds_count{}"] == 1
+    assert grew["qwenrt_inter_token_latency_seconds_count{}"] == 11
+    assert 0 < grew["qwenrt_time_to_first_token_seconds_sum{}"] < 10
+    assert after["qwenrt_requests_waiting{}"] == 0 and after["qwenrt_requests_running{}"] == 0
+
+
+def local_prompt_ids(server: Server) -> list[int]:
+    with open_engine(server.runtime, Path(server.model_dir), EngineOptions(threads=1)) as engine:
+        return engine.chat_prompt_ids(HELLO)
+
+
+def test_streams_say_not_to_buffer_and_keep_alive_while_waiting(serve_model: Path, tmp_path: Path) -> None:
+    """A stream queued behind a long answer gets SSE comments until its first token; clients skip them."""
+    with running(ENGINES[0], serve_model, tmp_path / "server.log", "--parallel", "1", "--sse-keep-alive", "0.2",
+                 "--max-tokens", str(TOKEN_LIMIT)) as server:  # fmt: skip
+        assert server.parallel == 1
+        long = Call(lambda: server.client().chat.completions.create(
+            model=MODEL_ID, messages=HELLO, max_tokens=TOKEN_LIMIT, extra_body={"ignore_eos": True}))  # fmt: skip
+        long.start()
+        server.wait_for(lambda health: health["active"] == 1, "the long answer running")
+        with server.http.stream("POST", "/v1/chat/completions", json=chat_body(4), timeout=60) as response:
+            assert response.headers["x-accel-buffering"] == "no"
+            text = "".join(response.iter_text())
+        long.join()
+        assert long.error is None, long.error
+        assert_stopped_cleanly(server)
+    events = text.split("\n\n")
+    comments = [index for index, event in enumerate(events) if event == ": keep-alive"]
+    first_token = next(index for index, event in enumerate(events) if '"content":"' in event and '"role"' not in event)
+    assert comments and comments[0] < first_token, text[:600]  # kept alive while it waited in the queue
+    payloads = [event for event in events if event and not event.startswith(":")]
+    assert payloads[-1] == "data: [DONE]"
+    usage = [json.loads(event[len("data: ") :]) for event in payloads[:-1] if '"usage":{' in event]
+    assert usage[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_cors_origins_and_the_key(serve_model: Path, tmp_path: Path) -> None:
+    origin, key = "http://dashboard.local", "k3y"
+    with running(ENGINES[0], serve_model, tmp_path / "server.log", "--cors-origin", origin, "--api-key", key) as server:
+        preflight = server.http.options("/v1/chat/completions", headers={
+            "origin": origin, "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type"})  # fmt: skip
+        assert preflight.status_code == 200, preflight.text
+        assert preflight.headers["access-control-allow-origin"] == origin
+        assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+        refused = server.http.get("/v1/models", headers={"origin": origin})  # no key: 401, readable by the page
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == origin
+        allowed = server.http.get("/v1/models", headers={"origin": origin, "authorization": f"Bearer {key}"})
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == origin
+        other = server.http.options("/v1/chat/completions", headers={
+            "origin": "http://elsewhere.local", "access-control-request-method": "POST"})  # fmt: skip
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        assert "access-control-allow-origin" not in server.http.get("/health", headers={"origin": "http://x"}).headers
+        assert_stopped_cleanly(server)
+
+
+@pytest.mark.parametrize("runtime", ENGINES)
+def test_an_engine_that_cannot_open_stops_the_server_with_one_error_line(runtime: str, serve_model: Path,
+                                                                         tmp_path: Path) -> None:  # fmt: skip
+    model = tmp_path / "broken"
+    shutil.copytree(serve_model, model)
+    artifact = engine_class(runtime).artifact_path(model)
+    damaged = artifact if artifact.is_file() else artifact / "openvino_model.bin"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 3])
+    done = run_serve("--runtime", runtime, "--model", str(model), "--port", "0")
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("qwenrt: error: "), done.stderr[-3000:]
 
 
 # --- the demo model -----------------------------------------------------------------------
@@ -938,6 +1264,37 @@ def test_demo_model_answers_two_clients_at_once(runtime: str, demo_model: Path, 
         assert (health["completed"], health["failed"]) == (2, 0), health
         assert health["peak_active"] == (2 if runtime == "openvino" else 1), health
         assert_stopped_cleanly(server)
+
+
+@pytest.mark.real_weights
+@pytest.mark.parametrize("runtime", ENGINES)
+def test_health_says_503_until_the_model_is_warm(runtime: str, demo_model: Path, tmp_path: Path) -> None:
+    """The server answers as soon as it listens: /health and the API say 503 while the real model
+    loads (seconds), as load balancers and orchestrators expect, then 200."""
+    log = tmp_path / "server.log"
+    command = [*QWENRT, "serve", "--runtime", runtime, "--model", str(demo_model), "--threads", "1", "--port", "0",
+               "--parallel", "1"]  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (listening := re.search(r"listening on (http://\S+); loading the model", log.read_text())):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        with httpx.Client(base_url=listening.group(1), timeout=30) as http:
+            early = http.get("/health")
+            refused = http.post("/v1/chat/completions", json={"messages": HELLO})
+            while (ready := http.get("/health")).status_code == 503:
+                assert time.monotonic() < deadline + 120, ready.text
+                time.sleep(0.05)
+        assert early.status_code == 503 and early.json()["status"] in ("loading", "warming up"), early.text
+        assert early.headers["retry-after"] == "1"
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_not_ready", refused.text
+        assert ready.status_code == 200 and ready.json()["status"] == "ok"
+        assert ANNOUNCE.search(log.read_text())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()[-2000:]
 
 
 def test_an_engine_crash_ends_the_server_with_one_line(serve_model: Path, tmp_path: Path) -> None:

@@ -11,16 +11,20 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from qwenrt.manifest import generation_defaults
 from qwenrt.runtimes.base import Engine, StreamEnd, TokenEvent
 from qwenrt.serve import protocol
+from qwenrt.serve.metrics import ServerMetrics
 from qwenrt.serve.protocol import RequestError
 from qwenrt.serve.service import EngineService, ServerBusy
 
@@ -37,56 +41,154 @@ class ServerLimits:
     request_timeout_s: float = 20.0
     keep_alive_s: float = 5.0  # an idle connection between requests is closed after this
     max_connections: int = 128  # open connections beyond this are refused with a 503
+    # Browser origins allowed to call the API (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()
+    # A stream that has sent nothing for this long (a long prompt's prefill, a wait in the
+    # queue) gets an SSE comment, so that proxies and clients with read timeouts keep it open.
+    sse_keep_alive_s: float = 15.0
+
+
+@dataclass(frozen=True)
+class EngineStart:
+    """How the server gets its engine: opened (and warmed up) on a worker thread once the server
+    answers, so that /health can say 503 "loading" meanwhile, as load balancers expect."""
+
+    runtime: str
+    model_dir: Path
+    open: Callable[[], Engine]
+    # What to log once the engine is ready (the line that says where the server is).
+    announce: Callable[[Engine], str] = lambda engine: f"serving with {engine.name}"
+    # Called with the exception when the engine cannot be opened: the server must stop.
+    failed: Callable[[BaseException], None] = lambda exc: None
+    # Called with the service once it answers (to stop its generations after a forced stop).
+    ready: Callable[[EngineService], None] = lambda service: None
+
+
+class _State:
+    service: EngineService | None = None
+    phase = "loading"  # then "warming up", "ok", or "failed"
 
 
 def create_app(
-    service: EngineService, model_id: str, limits: ServerLimits = ServerLimits(), announce: str = ""
+    start: EngineStart,
+    model_id: str,
+    limits: ServerLimits = ServerLimits(),
+    defaults: protocol.SamplingDefaults | None = None,
 ) -> Starlette | Callable[..., Awaitable[None]]:
-    """The ASGI app in front of ``service``; its engine is closed when the app shuts down."""
+    """The ASGI app; its engine opens when the app starts and closes when it shuts down.
+    ``defaults``: what a request that leaves a sampling setting out gets (None: the model's
+    generation_config.json where it says, OpenAI's defaults otherwise)."""
     created = int(time.time())
-    engine = service.engine
+    if defaults is None:
+        defaults = protocol.SamplingDefaults.of_model(generation_defaults(start.model_dir))
+    state = _State()
+    metrics = ServerMetrics(start.runtime, model_id,
+                            queued=lambda: state.service.counters.queued if state.service else 0,
+                            running=lambda: state.service.counters.active if state.service else 0)  # fmt: skip
+
+    def open_and_warm_up() -> EngineService:
+        engine = start.open()
+        try:
+            service = EngineService(engine, limits.max_queue)
+            state.phase = "warming up"
+            log.info("warm-up done in %.0f ms", service.warm_up() * 1000)
+        except BaseException:
+            engine.close()
+            raise
+        service.metrics = metrics
+        metrics.engine_ready(engine.threads.threads, engine.concurrency)
+        return service
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if announce:
-            log.info("%s", announce)
+        async def begin() -> None:
+            try:
+                service = await asyncio.get_running_loop().run_in_executor(None, open_and_warm_up)
+            except BaseException as exc:  # the server stops; serve() reports why
+                state.phase = "failed"
+                start.failed(exc)
+                return
+            state.service, state.phase = service, "ok"
+            start.ready(service)
+            log.info("%s", start.announce(service.engine))
+
+        starting = asyncio.ensure_future(begin())
         yield
-        log.info("stopping: %d generations running, %d waiting", service.counters.active, service.counters.queued)
-        await service.close()
+        if not starting.done():
+            log.info("stopping: waiting for the model to finish loading")
+            await asyncio.shield(starting)  # a load in a native call cannot be interrupted
+        if state.service is not None:
+            counters = state.service.counters
+            log.info("stopping: %d generations running, %d waiting", counters.active, counters.queued)
+            await state.service.close()
         log.info("stopped")
 
+    def ready() -> EngineService:
+        if state.service is None:
+            raise RequestError(f"the model is {state.phase}; retry in a moment", status=503, code="model_not_ready",
+                               headers={"retry-after": "1"})  # fmt: skip
+        return state.service
+
     async def health(request: Request) -> Response:
-        return JSONResponse({**service.health(), "model": model_id})
+        if state.service is None:
+            return JSONResponse({"status": state.phase, "runtime": start.runtime, "model": model_id}, status_code=503,
+                                headers={"retry-after": "1"})  # fmt: skip
+        return JSONResponse({**state.service.health(), "model": model_id})
 
     async def models(request: Request) -> Response:
         return JSONResponse(
-            {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "qwenrt"}]}
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": model_id,
+                        "object": "model",
+                        "created": created,
+                        "owned_by": "qwenrt",
+                        # qwenrt's own: what a request that leaves a setting out gets
+                        "sampling_defaults": defaults.describe(),
+                    }
+                ],
+            }  # fmt: skip
         )
 
     async def chat_completions(request: Request) -> Response:
+        service = ready()
+        engine = service.engine
         body = await _read_json(request, limits.max_body_bytes, limits.request_timeout_s)
-        chat = protocol.parse_chat_request(body, limits.max_tokens)
+        chat = protocol.parse_chat_request(body, limits.max_tokens, defaults)
         prompt_ids = await service.prompt_ids(chat.messages)
         max_tokens = _fit(engine, len(prompt_ids), chat.max_tokens, limits.max_tokens)
+        generation = chat.generation(max_tokens)
+        if (refusal := engine.cannot_do(generation)) is not None:
+            setting, reason = refusal
+            raise RequestError(reason, param=_REQUEST_FIELD.get(setting, setting), code="unsupported_by_engine")
         try:
             service.admit()
         except ServerBusy as exc:
             raise RequestError(str(exc), status=503) from None
         completion_id = protocol.new_completion_id()
         arrived = time.perf_counter()
-        events = service.generate(prompt_ids, chat.generation(max_tokens))
+        if chat.user is not None:
+            log.info("%s: for user %s", completion_id, json.dumps(chat.user[:100], ensure_ascii=False))
+        events = service.generate(prompt_ids, generation)
         if chat.stream:
             return StreamingResponse(
-                _sse(completion_id, model_id, chat, events, arrived),
+                _sse(completion_id, model_id, chat, events, arrived, limits.sse_keep_alive_s),
                 media_type="text/event-stream",
-                headers={"cache-control": "no-cache", "x-request-id": completion_id},
+                # nginx buffers proxied answers unless told not to: a stream would arrive in lumps.
+                headers={"cache-control": "no-cache", "x-request-id": completion_id, "x-accel-buffering": "no"},
             )
         return await _complete(request, completion_id, model_id, events, arrived)
+
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         error = RequestError(str(exc.detail), status=exc.status_code)
         _log_rejected(request, error)
+        metrics.requests.labels("refused").inc()
         # Starlette's own refusals carry headers HTTP requires (Allow, on a 405).
         return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
@@ -94,15 +196,29 @@ def create_app(
         routes=[
             Route("/health", _answering(health), methods=["GET"]),
             Route("/v1/models", _answering(models), methods=["GET"]),
-            Route("/v1/chat/completions", _answering(chat_completions), methods=["POST"]),
+            Route("/v1/chat/completions", _answering(chat_completions, metrics), methods=["POST"]),
+            Route("/metrics", _answering(prometheus), methods=["GET"]),
         ],
         exception_handlers={HTTPException: on_http_error},
         lifespan=lifespan,
     )
-    return _require_key(app, limits.api_key) if limits.api_key else app
+    guarded = _require_key(app, limits.api_key, metrics) if limits.api_key else app
+    if not limits.cors_origins:
+        return guarded
+    # Outside the key check: a browser's preflight carries no key, and a refusal must carry
+    # the CORS headers for the page to read it.
+    return CORSMiddleware(guarded, allow_origins=list(limits.cors_origins), allow_methods=["GET", "POST"],
+                          allow_headers=["authorization", "content-type"], expose_headers=["x-request-id"],
+                          max_age=600)  # fmt: skip
 
 
-def _answering(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+# GenerationConfig's settings by the request field that sets them.
+_REQUEST_FIELD = {"json_schema": "response_format", "penalties": "repetition_penalty"}
+
+
+def _answering(
+    endpoint: Callable[[Request], Awaitable[Response]], metrics: ServerMetrics | None = None
+) -> Callable[[Request], Awaitable[Response]]:
     """Every failure of a route as an answer in OpenAI's error shape and one log line: a refused
     request (RequestError) as itself, anything else as a 500 that names no internals (no engine
     message, address or prompt: those stay in the server's log line)."""
@@ -112,8 +228,12 @@ def _answering(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[
             return await endpoint(request)
         except RequestError as exc:
             _log_rejected(request, exc)
-            return JSONResponse(exc.body(), status_code=exc.status)
+            if metrics is not None:
+                metrics.requests.labels("refused").inc()
+            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
         except Exception as exc:
+            if metrics is not None:
+                metrics.requests.labels("failed").inc()
             reference = protocol.new_completion_id().replace("chatcmpl", "error")
             first_line = (str(exc).strip().splitlines() or [""])[0][:200]
             log.error("%s %s failed (%s): %s: %s", request.method, request.url.path, reference,
@@ -226,17 +346,22 @@ async def _sse(
     chat: protocol.ChatRequest,
     events: AsyncGenerator[Any, None],
     arrived: float,
+    keep_alive_s: float,
 ) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them: a role chunk, text chunks, a finish chunk,
-    usage if asked, then [DONE]. Starlette cancels this when the client disconnects,
-    which cancels the generation."""
+    usage if asked, then [DONE]; a comment line when nothing else has gone out for
+    ``keep_alive_s``. Starlette cancels this when the client disconnects, which cancels
+    the generation."""
     created = int(time.time())
     yield _event(protocol.chunk(completion_id, model_id, created, {"role": "assistant", "content": ""}))
     end: StreamEnd | None = None
     try:
         # Closed on the way out whatever happens, so that the generation stops with the stream.
         async with contextlib.aclosing(events):
-            async for event in events:
+            async for event in _with_keep_alive(events, keep_alive_s):
+                if event is None:
+                    yield SSE_KEEP_ALIVE
+                    continue
                 if isinstance(event, TokenEvent):
                     if event.text:
                         yield _event(protocol.chunk(completion_id, model_id, created, {"content": event.text}))
@@ -258,6 +383,35 @@ async def _sse(
         yield _event(protocol.usage_chunk(completion_id, model_id, created, end))
     yield "data: [DONE]\n\n"
     _log_request(completion_id, end, queued=queued)
+
+
+# An SSE comment: clients skip it, and it shows the connection is alive.
+SSE_KEEP_ALIVE = ": keep-alive\n\n"
+
+
+async def _with_keep_alive(events: AsyncGenerator[Any, None], every_s: float) -> AsyncIterator[Any]:
+    """``events``, with None after each ``every_s`` that passes without one. The pending read is
+    never cancelled by the wait (cancelling it would end the generator, and the generation)."""
+    pending: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield None
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield event
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
 
 
 def _event(payload: dict[str, Any]) -> str:
@@ -282,7 +436,7 @@ def _log_request(completion_id: str, end: StreamEnd | None, outcome: str = "", q
     )
 
 
-def _require_key(app: Starlette, api_key: str) -> Callable[..., Awaitable[None]]:
+def _require_key(app: Starlette, api_key: str, metrics: ServerMetrics) -> Callable[..., Awaitable[None]]:
     """Bearer-token check in front of every route but /health (for probes). The scheme's name is
     case-insensitive (RFC 9110, 11.1); a refusal says which scheme to use (WWW-Authenticate)."""
     expected = api_key.encode()
@@ -292,6 +446,7 @@ def _require_key(app: Starlette, api_key: str) -> Callable[..., Awaitable[None]]
             scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), expected):
                 log.info("refused %s %s: 401 invalid or missing API key", scope.get("method", ""), scope["path"])
+                metrics.requests.labels("refused").inc()
                 body = json.dumps(RequestError("invalid or missing API key", status=401).body()).encode()
                 await send({"type": "http.response.start", "status": 401,
                             "headers": [(b"content-type", b"application/json"),

@@ -6,13 +6,21 @@ Nothing here knows about HTTP or engines, so every rule is testable on plain dic
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from qwenrt.runtimes.base import GenerationConfig, StopReason, StreamEnd
+from qwenrt.runtimes.base import (
+    MAX_ADDITIVE_PENALTY,
+    MAX_REPETITION_PENALTY,
+    GenerationConfig,
+    StopReason,
+    StreamEnd,
+)
 from qwenrt.runtimes.chat_template import Message
 
 ROLES = ("system", "user", "assistant")
@@ -20,16 +28,25 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit, kept so that clients meet the same rules
 MAX_TEMPERATURE = 2.0
 # OpenAI's default: a client that leaves temperature out samples, as it would there.
 DEFAULT_TEMPERATURE = 1.0
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class RequestError(Exception):
     """A request the server refuses, with the HTTP status and OpenAI's error fields."""
 
     def __init__(
-        self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None, kind: str = ""
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
         self.param = param
         self.code = code
         self.kind = kind or _ERROR_TYPES.get(status, "invalid_request_error")
@@ -52,6 +69,89 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+# Every field a chat-completion request may carry, and what this server does with it. A field
+# that is not here is refused, by name: nothing a client sends is silently dropped. Fields
+# marked "refused" are refused unless null or their "off" value; tests/test_serve_fields.py
+# walks the official openai package's request type against this table.
+HONOURED, REFUSED = "honoured", "refused"
+CHAT_FIELDS: dict[str, str] = {
+    "messages": HONOURED,
+    "model": HONOURED,  # any name: one model is served (GET /v1/models)
+    "max_tokens": HONOURED,
+    "max_completion_tokens": HONOURED,
+    "temperature": HONOURED,
+    "top_p": HONOURED,
+    "stop": HONOURED,
+    "seed": HONOURED,
+    "n": HONOURED,  # 1 only: one answer per request
+    "stream": HONOURED,
+    "stream_options": HONOURED,  # include_usage
+    "presence_penalty": HONOURED,
+    "frequency_penalty": HONOURED,
+    "response_format": HONOURED,  # text, json_object, json_schema: enforced while decoding
+    "user": HONOURED,  # a caller's label: written to the request's log line
+    "safety_identifier": HONOURED,  # the same
+    "prompt_cache_key": HONOURED,  # a caching hint: the engine reuses any common prefix by itself
+    "store": HONOURED,  # false only: nothing is stored
+    "metadata": HONOURED,  # kept only with store, so: empty only
+    "service_tier": HONOURED,  # "auto" or "default": the one tier there is
+    "modalities": HONOURED,  # ["text"] only
+    "prompt_cache_retention": HONOURED,  # "in_memory" only: the prefix cache lives in the engine's memory
+    "tool_choice": HONOURED,  # "none" only, while tools are refused
+    "tools": REFUSED,
+    "parallel_tool_calls": REFUSED,  # it applies to tools
+    "functions": REFUSED,
+    "function_call": REFUSED,
+    "logprobs": REFUSED,  # false is accepted
+    "top_logprobs": REFUSED,
+    "logit_bias": REFUSED,  # an empty map is accepted
+    "audio": REFUSED,
+    "prediction": REFUSED,
+    "reasoning_effort": REFUSED,  # the model does not reason apart from its answer
+    "verbosity": REFUSED,
+    "web_search_options": REFUSED,
+    "moderation": REFUSED,
+    "prompt_cache_options": REFUSED,
+    # qwenrt's own, as vLLM and llama.cpp's server name them
+    "top_k": HONOURED,
+    "repetition_penalty": HONOURED,
+    "ignore_eos": HONOURED,
+}
+# The "off" value of each refused field, accepted as if left out.
+_REFUSED_UNLESS = {"logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],),
+                   "functions": ([],)}  # fmt: skip
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+# json_object: any JSON object, as OpenAI's JSON mode gives.
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves a setting out gets: the model's generation_config.json where it
+    says (as transformers and vLLM apply it), OpenAI's defaults otherwise."""
+
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @classmethod
+    def of_model(cls, generation_config: dict[str, Any]) -> SamplingDefaults:
+        given = {}
+        for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+            value = generation_config.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                given[key] = value
+        if "top_k" in given:
+            given["top_k"] = int(given["top_k"])
+        return cls(**given)
+
+    def describe(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     messages: list[Message]
@@ -63,22 +163,36 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     ignore_eos: bool = False
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    json_schema: str | None = None  # the answer's JSON schema, as JSON text
+    user: str | None = None
 
     def generation(self, max_tokens: int) -> GenerationConfig:
         return GenerationConfig(
             max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
+            top_k=self.top_k,
             seed=self.seed,
             stop=self.stop,
             ignore_eos=self.ignore_eos,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            json_schema=self.json_schema,
         )
 
 
-def parse_chat_request(body: Any, max_tokens_limit: int) -> ChatRequest:
+def parse_chat_request(
+    body: Any, max_tokens_limit: int, defaults: SamplingDefaults = SamplingDefaults()
+) -> ChatRequest:
     """Check a decoded JSON body; raise RequestError naming the first field that is wrong."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
+    _known_fields(body)
     messages = _messages(body.get("messages"))
     # OpenAI's newer name wins; a null one (clients that send every field) leaves the older.
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -93,12 +207,12 @@ def parse_chat_request(body: Any, max_tokens_limit: int) -> ChatRequest:
                 param=param,
                 code="max_tokens_exceeded",
             )
-    temperature = _number(_given(body, "temperature", DEFAULT_TEMPERATURE), "temperature")
+    temperature = _number(_given(body, "temperature", defaults.temperature), "temperature")
     if not 0 <= temperature <= MAX_TEMPERATURE:
         raise RequestError(
             f"temperature must be between 0 and {MAX_TEMPERATURE:g}, not {temperature:g}", param="temperature"
         )
-    top_p = _number(_given(body, "top_p", 1.0), "top_p")
+    top_p = _number(_given(body, "top_p", defaults.top_p), "top_p")
     if not 0 < top_p <= 1:
         raise RequestError(f"top_p must be above 0 and at most 1, not {top_p:g}", param="top_p")
     seed = body.get("seed")
@@ -109,9 +223,23 @@ def parse_chat_request(body: Any, max_tokens_limit: int) -> ChatRequest:
     n = _given(body, "n", 1)
     if n != 1:
         raise RequestError("only n=1 is supported: one answer per request", param="n")
-    for penalty in ("frequency_penalty", "presence_penalty"):
-        if body.get(penalty) not in (None, 0, 0.0):
-            raise RequestError(f"{penalty} is not supported; leave it out or set it to 0", param=penalty)
+    top_k = _integer(_given(body, "top_k", defaults.top_k), "top_k")
+    if top_k < 0:
+        raise RequestError(f"top_k must be 0 (off) or more, not {top_k}", param="top_k")
+    penalties = {name: _number(_given(body, name, getattr(defaults, name)), name)
+                 for name in ("repetition_penalty", "presence_penalty", "frequency_penalty")}  # fmt: skip
+    if not 0 < penalties["repetition_penalty"] <= MAX_REPETITION_PENALTY:
+        raise RequestError(f"repetition_penalty must be above 0 and at most {MAX_REPETITION_PENALTY:g}",
+                           param="repetition_penalty")  # fmt: skip
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -MAX_ADDITIVE_PENALTY <= penalties[name] <= MAX_ADDITIVE_PENALTY:
+            raise RequestError(f"{name} must be between {-MAX_ADDITIVE_PENALTY:g} and {MAX_ADDITIVE_PENALTY:g}",
+                               param=name)  # fmt: skip
+    _only_the_one_thing_there_is(body)
+    for name in ("model", "user", "safety_identifier", "prompt_cache_key"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise RequestError(f"{name} must be a string", param=name)
+    user = body.get("user") if body.get("user") is not None else body.get("safety_identifier")
     stream = _flag(body, "stream")
     options = _given(body, "stream_options", {})
     if not isinstance(options, dict):
@@ -128,7 +256,68 @@ def parse_chat_request(body: Any, max_tokens_limit: int) -> ChatRequest:
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
         ignore_eos=_flag(body, "ignore_eos"),
+        top_k=top_k,
+        json_schema=_response_format(body.get("response_format")),
+        user=user,
+        **penalties,
     )
+
+
+def _known_fields(body: dict[str, Any]) -> None:
+    for name in body:
+        if name not in CHAT_FIELDS:
+            raise RequestError(f"{name} is not a field this server knows; leave it out", param=name,
+                               code="unknown_field")  # fmt: skip
+        if CHAT_FIELDS[name] == REFUSED and body[name] is not None and body[name] not in _REFUSED_UNLESS.get(name, ()):
+            raise RequestError(f"{name} is not supported by this server; leave it out", param=name,
+                               code="unsupported_field")  # fmt: skip
+
+
+def _only_the_one_thing_there_is(body: dict[str, Any]) -> None:
+    """Fields whose only value here is the one thing the server does (one tier, text only, no
+    storing): that value is accepted, anything else refused by name."""
+    allowed: dict[str, tuple[Any, ...]] = {"store": (False,), "metadata": ({},), "service_tier": ("auto", "default"),
+                                           "modalities": (["text"],), "prompt_cache_retention": ("in_memory",),
+                                           "tool_choice": ("none",)}  # fmt: skip
+    for name, values in allowed.items():
+        if body.get(name) is not None and body[name] not in values:
+            shown = " or ".join(json.dumps(v) for v in values)
+            raise RequestError(f"{name} may only be {shown} on this server", param=name, code="unsupported_value")
+
+
+def _response_format(value: Any) -> str | None:
+    """The JSON schema the answer must follow, as JSON text (None: free text)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMATS:
+        raise RequestError(f"response_format.type must be one of {', '.join(RESPONSE_FORMATS)}",
+                           param="response_format")  # fmt: skip
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    spec = value.get("json_schema")
+    where = "response_format.json_schema"
+    if not isinstance(spec, dict):
+        raise RequestError(f"{where} must be an object with a name and a schema", param=where)
+    name = spec.get("name")
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+        raise RequestError(f"{where}.name must be 1-64 letters, digits, '_' or '-'", param=f"{where}.name")
+    schema = spec.get("schema", {})  # OpenAI: no schema is any JSON object... of any shape
+    if not isinstance(schema, dict):
+        raise RequestError(f"{where}.schema must be a JSON schema object", param=f"{where}.schema")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise RequestError(f"{where}.strict must be true or false", param=f"{where}.strict")
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise RequestError(f"{where}.schema is not a valid JSON schema: {exc.message}",
+                           param=f"{where}.schema") from None  # fmt: skip
+    # strict or not, the schema is enforced while decoding: a small model needs it to give valid JSON.
+    return json.dumps(schema, ensure_ascii=False, sort_keys=True)
 
 
 def _messages(value: Any) -> list[Message]:

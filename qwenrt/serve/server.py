@@ -9,10 +9,11 @@ import logging
 import signal
 import socket
 import sys
+from dataclasses import replace
 
 from qwenrt.errors import QwenrtError
 from qwenrt.runtimes.base import Engine
-from qwenrt.serve.app import ServerLimits, create_app
+from qwenrt.serve.app import EngineStart, ServerLimits, create_app
 from qwenrt.serve.connections import LimitedH11Protocol
 from qwenrt.serve.service import EngineService
 
@@ -46,8 +47,12 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(engine: Engine, model_id: str, sock: socket.socket, limits: ServerLimits, access_log: bool = True) -> None:
-    """Serve until SIGTERM or Ctrl-C; the engine is closed on the way out."""
+def serve(
+    start: EngineStart, model_id: str, sock: socket.socket, limits: ServerLimits, access_log: bool = True
+) -> None:
+    """Serve until SIGTERM or Ctrl-C; the engine opens once the server answers (/health says
+    503 until it is warm) and is closed on the way out. An engine that cannot open stops the
+    server, and its error is raised here."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -56,13 +61,18 @@ def serve(engine: Engine, model_id: str, sock: socket.socket, limits: ServerLimi
     logging.getLogger("asyncio").addFilter(lambda record: "socket.send() raised exception" not in record.getMessage())
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    service = EngineService(engine, limits.max_queue)
-    logging.getLogger("qwenrt.serve").info("warm-up done in %.0f ms", service.warm_up() * 1000)
-    announce = (
-        f"serving {model_id} with {engine.name} ({engine.threads.threads} threads, {engine.concurrency} "
-        f"at a time) on {url}/v1"
-    )
-    app = create_app(service, model_id, limits, announce)
+    failures: list[BaseException] = []
+    services: list[EngineService] = []
+
+    def announce(engine: Engine) -> str:
+        return (f"serving {model_id} with {engine.name} ({engine.threads.threads} threads, {engine.concurrency} "
+                f"at a time) on {url}/v1")  # fmt: skip
+
+    def failed(exc: BaseException) -> None:
+        failures.append(exc)
+        server.should_exit = True
+
+    app = create_app(replace(start, announce=announce, failed=failed, ready=services.append), model_id, limits)
     config = uvicorn.Config(
         app,
         http=functools.partial(LimitedH11Protocol, request_timeout_s=limits.request_timeout_s,
@@ -73,12 +83,20 @@ def serve(engine: Engine, model_id: str, sock: socket.socket, limits: ServerLimi
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         server_header=False,
     )  # fmt: skip
+    server = uvicorn.Server(config)
+    logging.getLogger("qwenrt.serve").info("listening on %s; loading the model", url)
     # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again for
     # the handlers it found: make those quiet, so that a requested stop exits with status 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        service.cancel_all()  # after a forced stop (Ctrl-C twice), generations must not run on
+        for service in services:
+            service.cancel_all()  # after a forced stop (Ctrl-C twice), generations must not run on
+    if failures:
+        exc = failures[0]
+        if isinstance(exc, QwenrtError):
+            raise exc
+        raise QwenrtError(f"the {start.runtime} engine could not open {start.model_dir}: {exc}") from exc

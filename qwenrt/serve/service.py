@@ -16,9 +16,13 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from qwenrt.runtimes.base import Engine, Event, GenerationConfig, StreamEnd
 from qwenrt.runtimes.chat_template import Message
+
+if TYPE_CHECKING:
+    from qwenrt.serve.metrics import ServerMetrics
 
 
 class ServerBusy(Exception):
@@ -42,6 +46,7 @@ class EngineService:
         self.engine = engine
         self.max_queue = max_queue
         self.counters = ServiceCounters()
+        self.metrics: ServerMetrics | None = None  # set by the app that serves /metrics
         self._places = asyncio.Semaphore(engine.concurrency)
         # One thread per place, plus one for tokenizing while every place is busy.
         self._threads = ThreadPoolExecutor(max_workers=engine.concurrency + 1, thread_name_prefix="qwenrt-engine")
@@ -77,13 +82,14 @@ class EngineService:
     async def generate(self, prompt_ids: list[int], config: GenerationConfig) -> AsyncGenerator[Event, None]:
         """Wait for a place, then stream the generation's events; closing the iterator
         (or cancelling the task reading it) stops the generation."""
+        arrived = time.perf_counter()
         if self._places.locked():  # every place is taken: wait in line
             self.counters.queued += 1
             self.counters.peak_queued = max(self.counters.peak_queued, self.counters.queued)
             try:
                 await self._places.acquire()
             except asyncio.CancelledError:  # the client left while waiting
-                self.counters.cancelled += 1
+                self._count_outcome("cancelled")
                 raise
             finally:
                 self.counters.queued -= 1
@@ -106,7 +112,7 @@ class EngineService:
                     if isinstance(event, StreamEnd):
                         # Counted here, not by the reader, so that a generation whose reader
                         # left still shows how far it went.
-                        loop.call_soon_threadsafe(self._count_tokens, event.generated_tokens)
+                        loop.call_soon_threadsafe(self._count_tokens, event)
                     hand_over(event)
             except BaseException as exc:  # re-raised on the event loop, in the request
                 hand_over(exc)
@@ -118,16 +124,23 @@ class EngineService:
         # The place frees when the engine has really stopped, not when the reader leaves.
         worker.add_done_callback(self._release)
         finished = False
+        last_token: float | None = None
         try:
             while True:
                 item = await events.get()
                 if isinstance(item, BaseException):
-                    self.counters.failed += 1
+                    self._count_outcome("failed")
                     finished = True
                     raise item
                 if isinstance(item, StreamEnd):
-                    self.counters.completed += 1
+                    self._count_outcome("completed")
                     finished = True
+                elif self.metrics is not None and item.token_id >= 0:
+                    since = arrived if last_token is None else last_token
+                    (self.metrics.first_token if last_token is None else self.metrics.inter_token).observe(
+                        item.time - since
+                    )
+                    last_token = item.time
                 yield item
                 if finished:
                     return
@@ -135,10 +148,18 @@ class EngineService:
             self._cancels.discard(cancel)
             if not finished:
                 cancel.set()
-                self.counters.cancelled += 1
+                self._count_outcome("cancelled")
 
-    def _count_tokens(self, count: int) -> None:
-        self.counters.generated_tokens += count
+    def _count_outcome(self, outcome: str) -> None:
+        setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
+        if self.metrics is not None:
+            self.metrics.requests.labels(outcome).inc()
+
+    def _count_tokens(self, end: StreamEnd) -> None:
+        self.counters.generated_tokens += end.generated_tokens
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(end.prompt_tokens)
+            self.metrics.generated_tokens.inc(end.generated_tokens)
 
     def _release(self, worker: asyncio.Future[None]) -> None:
         self._running.discard(worker)

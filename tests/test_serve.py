@@ -37,12 +37,14 @@ from tiny_model import build_tiny_qwen2
 from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, engine_class, open_engine
 from qwenrt.serve.protocol import (
     CHAT_FIELDS,
+    COMPLETION_FIELDS,
     DEFAULT_TEMPERATURE,
     HONOURED,
     JSON_OBJECT_SCHEMA,
     RequestError,
     SamplingDefaults,
     parse_chat_request,
+    parse_completion_request,
 )
 
 # The model folder's name, which is the model id the server shows by default.
@@ -1047,6 +1049,105 @@ def test_every_field_of_the_openai_request_is_honoured_or_refused_by_name() -> N
                 parse_chat_request({"messages": HELLO, **refused}, max_tokens_limit=100)
             assert refusal.value.param == name and refusal.value.status == 400, (name, refusal.value)
             assert name in str(refusal.value)
+
+
+COMPLETION_FIELD_EXAMPLES: dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]] = {
+    "best_of": ({"best_of": 1}, {"best_of": 2}),
+    "echo": ({"echo": True}, {"echo": "yes"}),
+    "frequency_penalty": ({"frequency_penalty": 0.5}, {"frequency_penalty": 3}),
+    "logit_bias": (None, {"logit_bias": {"42": 5}}),
+    "logprobs": (None, {"logprobs": 2}),
+    "max_tokens": ({"max_tokens": 5}, {"max_tokens": 0}),
+    "model": ({"model": "anything"}, {"model": 5}),
+    "n": ({"n": 1}, {"n": 2}),
+    "presence_penalty": ({"presence_penalty": -0.5}, {"presence_penalty": 2.5}),
+    "prompt": ({"prompt": [1, 2, 3]}, {"prompt": ["one", "two"]}),
+    "seed": ({"seed": 1}, {"seed": -1}),
+    "stop": ({"stop": ["x"]}, {"stop": 5}),
+    "stream": ({"stream": True}, {"stream": "yes"}),
+    "stream_options": ({"stream": True, "stream_options": {"include_usage": True}}, {"stream_options": "x"}),
+    "suffix": (None, {"suffix": "return x"}),
+    "temperature": ({"temperature": 0.5}, {"temperature": 3}),
+    "top_p": ({"top_p": 0.5}, {"top_p": 0}),
+    "user": ({"user": "u"}, {"user": 5}),
+}  # fmt: skip
+
+
+def test_every_field_of_the_openai_completion_request_is_honoured_or_refused_by_name() -> None:
+    from openai.types import completion_create_params as params
+
+    fields = {key for kind in (params.CompletionCreateParamsStreaming, params.CompletionCreateParamsNonStreaming)
+              for key in kind.__required_keys__ | kind.__optional_keys__}  # fmt: skip
+    assert fields <= COMPLETION_FIELDS.keys(), sorted(fields - COMPLETION_FIELDS.keys())
+    assert fields == COMPLETION_FIELD_EXAMPLES.keys(), sorted(fields ^ COMPLETION_FIELD_EXAMPLES.keys())
+    for name in sorted(fields):
+        accepted, refused = COMPLETION_FIELD_EXAMPLES[name]
+        assert (COMPLETION_FIELDS[name] == HONOURED) == (accepted is not None), name
+        if accepted is not None:
+            parse_completion_request({"prompt": "Hello", **accepted}, max_tokens_limit=100)
+        if refused is not None:
+            with pytest.raises(RequestError) as refusal:
+                parse_completion_request({"prompt": "Hello", **refused}, max_tokens_limit=100)
+            assert refusal.value.param == name and refusal.value.status == 400, (name, refusal.value)
+
+
+@pytest.mark.parametrize(
+    ("request_body", "param"),
+    [({}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": 5}, "prompt"), ({"prompt": [1, "a"]}, "prompt"),
+     ({"prompt": [[1, 2], [3]]}, "prompt"), ({"prompt": "x", "messages": HELLO}, "messages")],
+)  # fmt: skip
+def test_completion_parser_refuses(request_body: dict[str, Any], param: str) -> None:
+    with pytest.raises(RequestError) as refusal:
+        parse_completion_request(request_body, max_tokens_limit=100)
+    assert refusal.value.param == param
+
+
+def test_completion_parser_reads_one_prompt_of_text_or_ids() -> None:
+    assert parse_completion_request({"prompt": ["Hi"]}, max_tokens_limit=100).prompt == "Hi"
+    assert parse_completion_request({"prompt": [[5, 6]]}, max_tokens_limit=100).prompt == [5, 6]
+    raw = parse_completion_request({"prompt": "Hi", "echo": True, "max_tokens": 3, "temperature": 0,
+                                    "presence_penalty": 0.5}, max_tokens_limit=100)  # fmt: skip
+    assert (raw.echo, raw.max_tokens, raw.temperature, raw.presence_penalty) == (True, 3, 0.0, 0.5)
+
+
+def test_raw_completions_are_the_engine_s_own_answer(server: Server, local_engines: dict) -> None:
+    engine = local_engines[server.runtime]
+    raw_prompt = engine.render_chat(HELLO)  # the chat template's markup, written out
+    ids = engine.tokenize(raw_prompt)
+    assert ids == engine.chat_prompt_ids(HELLO)  # the markup's spellings are read as control tokens
+    local = list(engine.stream(ids, GenerationConfig(max_tokens=10, ignore_eos=True)))[-1]
+    client = server.client()
+    kwargs = {"model": MODEL_ID, "max_tokens": 10, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    whole = client.completions.create(prompt=raw_prompt, **kwargs)
+    assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
+    assert whole.choices[0].text == local.text and whole.choices[0].finish_reason == "length"
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(ids), 10)
+    chunks = list(client.completions.create(prompt=raw_prompt, stream=True, stream_options={"include_usage": True},
+                                            **kwargs))  # fmt: skip
+    assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == local.text
+    assert chunks[-1].usage.completion_tokens == 10
+    assert client.completions.create(prompt=ids, **kwargs).choices[0].text == local.text  # token ids as they are
+    echoed = client.completions.create(prompt=ids, echo=True, **kwargs).choices[0].text
+    assert echoed == raw_prompt + local.text
+    streamed_echo = list(client.completions.create(prompt=raw_prompt, echo=True, stream=True, **kwargs))
+    assert "".join(chunk.choices[0].text for chunk in streamed_echo) == raw_prompt + local.text
+
+
+def test_tokenize_and_detokenize(server: Server, local_engines: dict) -> None:
+    engine = local_engines[server.runtime]
+    raw_prompt = engine.render_chat(HELLO)
+    tokenized = server.http.post("/tokenize", json={"prompt": raw_prompt}).json()
+    assert tokenized == {"tokens": engine.tokenize(raw_prompt), "count": len(engine.tokenize(raw_prompt)),
+                         "max_model_len": engine.context_length}  # fmt: skip
+    assert server.http.post("/detokenize", json={"tokens": tokenized["tokens"]}).json() == {"prompt": raw_prompt}
+    chat = server.http.post("/tokenize", json={"messages": HELLO, "model": MODEL_ID}).json()
+    assert chat["tokens"] == engine.chat_prompt_ids(HELLO)
+    for path, body, param in [("/detokenize", {"tokens": [engine.vocabulary_size]}, "tokens"),
+                              ("/detokenize", {"tokens": [-1]}, "tokens"), ("/detokenize", {"tokens": "1"}, "tokens"),
+                              ("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": "x", "add": 1}, "add"),
+                              ("/v1/completions", {"prompt": [engine.vocabulary_size]}, "prompt")]:  # fmt: skip
+        refused = server.http.post(path, json=body)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, (path, refused.text)
 
 
 class Verdict(pydantic.BaseModel):

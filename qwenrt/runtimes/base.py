@@ -255,6 +255,16 @@ class Engine(ABC):
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for in generated text (empty for control tokens)."""
 
+    def token_spelling(self, token_id: int) -> bytes:
+        """A token as a prompt writes it: a control token's spelling ("<|im_end|>"), any other
+        token's bytes. Tokenising the spellings of ids gives the ids back."""
+        return self.token_bytes(token_id)
+
+    @property
+    @abstractmethod
+    def vocabulary_size(self) -> int:
+        """How many token ids the model has: ids run from 0 to this less one."""
+
     @abstractmethod
     def _generate(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[tuple[int, float]]:
         """Yield (token id, perf_counter time) for each generated token until the engine stops.

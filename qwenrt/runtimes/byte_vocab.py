@@ -37,6 +37,19 @@ def token_byte_table(tokenizer_json: Path) -> list[bytes]:
     return [table.get(idx, b"") for idx in range(size)]
 
 
+def control_token_spellings(tokenizer_json: Path) -> dict[int, bytes]:
+    """How each control token is written in a prompt ("<|im_end|>"), by id: for text that gives
+    the token back when tokenised (POST /detokenize), where an answer's text leaves it out."""
+    try:
+        spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        return {added["id"]: added["content"].encode("utf-8") for added in spec.get("added_tokens", [])
+                if added.get("special")}  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ArtifactError(
+            f"{tokenizer_json}: damaged tokenizer vocabulary ({type(exc).__name__}); convert the model again"
+        ) from None
+
+
 @lru_cache(maxsize=1)
 def _unicode_to_byte() -> dict[str, int]:
     """Inverse of GPT-2's byte-to-printable-character map that byte-level BPE vocabularies use."""

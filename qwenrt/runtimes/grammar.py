@@ -9,7 +9,7 @@ mode allows any run of whitespace, in which a weak model can spend its whole bud
 
 One correction: the converter in llama-cpp-python 0.3.36 lets a string hold raw control
 characters, which JSON forbids (a parser refuses the answer); llama.cpp's own converter
-excludes them (``[^"\\\x7F\x00-\x1F]``, common/json-schema-to-grammar.cpp), and so does qwenrt.
+excludes them (``[^"\\\x7f\x00-\x1f]``, common/json-schema-to-grammar.cpp), and so does qwenrt.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from qwenrt.errors import ModelNotFoundError, QwenrtError
 from qwenrt.manifest import read_manifest
 from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig, TokenRelay
-from qwenrt.runtimes.byte_vocab import token_byte_table
+from qwenrt.runtimes.byte_vocab import control_token_spellings, token_byte_table
 from qwenrt.runtimes.settings import ResolvedSettings
 
 if TYPE_CHECKING:
@@ -62,6 +62,8 @@ class TransformersEngine(Engine):
         self._model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
         self._tokenizer = AutoTokenizer.from_pretrained(self.path)
         self._bytes = token_byte_table(self.path / "tokenizer.json")
+        self._spellings = control_token_spellings(self.path / "tokenizer.json")
+        self._vocabulary_size = max(int(self._model.config.vocab_size), len(self._bytes))
         eos = self._model.generation_config.eos_token_id
         self._eos = frozenset(eos if isinstance(eos, list) else [eos]) | {self._tokenizer.eos_token_id}
 
@@ -81,6 +83,13 @@ class TransformersEngine(Engine):
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+
+    def token_spelling(self, token_id: int) -> bytes:
+        return self._spellings.get(token_id) or self.token_bytes(token_id)
+
+    @property
+    def vocabulary_size(self) -> int:
+        return self._vocabulary_size
 
     def window_logits(self, token_ids: Sequence[int]) -> np.ndarray:
         self._check_window(token_ids)

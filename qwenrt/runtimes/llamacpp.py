@@ -158,6 +158,13 @@ class LlamaCppEngine(Engine):
             piece = self._piece_cache[token_id] = self._llm.detokenize([token_id], special=False)
         return piece
 
+    def token_spelling(self, token_id: int) -> bytes:
+        return self._llm.detokenize([token_id], special=True)
+
+    @property
+    def vocabulary_size(self) -> int:
+        return self._llm.n_vocab()
+
     def window_logits(self, token_ids: Sequence[int]) -> np.ndarray:
         import numpy as np
 

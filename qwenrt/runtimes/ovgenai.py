@@ -16,6 +16,7 @@ from Python (BENCHMARKS.md, "Serving"), and chat and compare are measured on it.
 from __future__ import annotations
 
 import itertools
+import json
 import queue
 import random
 import threading
@@ -30,7 +31,7 @@ from qwenrt.host import Host
 from qwenrt.manifest import OPENVINO_KEY
 from qwenrt.runtimes import mapped_pages
 from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig, TokenRelay
-from qwenrt.runtimes.byte_vocab import token_byte_table
+from qwenrt.runtimes.byte_vocab import control_token_spellings, token_byte_table
 from qwenrt.runtimes.grammar import json_schema_grammar
 from qwenrt.runtimes.probe import SafeFallback
 from qwenrt.runtimes.settings import Knob, ResolvedSettings, Rule
@@ -191,6 +192,8 @@ class OpenVINOEngine(Engine):
         native = self._batcher.pipe if self._batcher is not None else self._pipe
         self._tokenizer = native.get_tokenizer()
         self._bytes = token_byte_table(self.path / "tokenizer.json")
+        self._spellings = control_token_spellings(self.path / "tokenizer.json")
+        self._vocabulary_size = _vocabulary_size(self.path, len(self._bytes))
         stop_ids = self._native_generation_config().stop_token_ids
         self._eos = frozenset({self._tokenizer.get_eos_token_id()} | set(stop_ids))
 
@@ -203,6 +206,8 @@ class OpenVINOEngine(Engine):
         self._request = self._model.create_infer_request()
         self._tokenizer = ov_genai.Tokenizer(str(self.path))
         self._bytes = token_byte_table(self.path / "tokenizer.json")
+        self._spellings = control_token_spellings(self.path / "tokenizer.json")
+        self._vocabulary_size = _vocabulary_size(self.path, len(self._bytes))
         self._eos = frozenset({self._tokenizer.get_eos_token_id()})
         # A first inference copies the weights into the plugin's layout, inside the page release.
         self.window_logits(self.tokenize("Warm up the kernels."))
@@ -256,6 +261,13 @@ class OpenVINOEngine(Engine):
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+
+    def token_spelling(self, token_id: int) -> bytes:
+        return self._spellings.get(token_id) or self.token_bytes(token_id)
+
+    @property
+    def vocabulary_size(self) -> int:
+        return self._vocabulary_size
 
     def _generate(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[tuple[int, float]]:
         import numpy as np
@@ -487,6 +499,16 @@ class _ContinuousBatcher:
 # How far a weight constant may sit from its consumer: through Convert, Subtract, Multiply
 # and Convert in an INT8 IR's decompression chain.
 DECOMPRESSION_DEPTH = 6
+
+
+def _vocabulary_size(ir_dir: Path, tokens_with_text: int) -> int:
+    """The model's token ids (its logits' width, config.json's vocab_size): Qwen's embedding has
+    room beyond the tokenizer's last id."""
+    try:
+        return max(int(json.loads((ir_dir / "config.json").read_text(encoding="utf-8"))["vocab_size"]),
+                   tokens_with_text)  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError):
+        return tokens_with_text
 
 
 def _reaches(op: Any, type_name: str, depth: int = DECOMPRESSION_DEPTH) -> bool:

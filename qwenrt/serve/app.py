@@ -154,12 +154,31 @@ def create_app(
 
     async def chat_completions(request: Request) -> Response:
         service = ready()
-        engine = service.engine
         body = await _read_json(request, limits.max_body_bytes, limits.request_timeout_s)
         chat = protocol.parse_chat_request(body, limits.max_tokens, defaults)
         prompt_ids = await service.prompt_ids(chat.messages)
-        max_tokens = _fit(engine, len(prompt_ids), chat.max_tokens, limits.max_tokens)
-        generation = chat.generation(max_tokens)
+        return await answer(request, service, prompt_ids, chat, protocol.ChatAnswer(model_id))
+
+    async def completions(request: Request) -> Response:
+        """A raw prompt, as the model reads it: its control tokens' spellings are control tokens
+        (a prompt may carry its own chat markup), or token ids as they are."""
+        service = ready()
+        body = await _read_json(request, limits.max_body_bytes, limits.request_timeout_s)
+        raw = protocol.parse_completion_request(body, limits.max_tokens, defaults)
+        if isinstance(raw.prompt, str):
+            prompt_ids = await service.tokenize(raw.prompt)
+            shown = raw.prompt
+        else:
+            prompt_ids = _known_ids(service.engine, raw.prompt, "prompt")
+            shown = _detokenize(service.engine, prompt_ids)
+        return await answer(request, service, prompt_ids, raw, protocol.TextAnswer(model_id, shown if raw.echo else ""))
+
+    async def answer(request: Request, service: EngineService, prompt_ids: list[int], sampling: protocol.Sampling,
+                     shape: protocol.ChatAnswer) -> Response:  # fmt: skip
+        """One generation for chat or a raw completion: checked, admitted, then streamed or whole."""
+        engine = service.engine
+        max_tokens = _fit(engine, len(prompt_ids), sampling.max_tokens, limits.max_tokens)
+        generation = sampling.generation(max_tokens)
         if (refusal := engine.cannot_do(generation)) is not None:
             setting, reason = refusal
             raise RequestError(reason, param=_REQUEST_FIELD.get(setting, setting), code="unsupported_by_engine")
@@ -167,19 +186,35 @@ def create_app(
             service.admit()
         except ServerBusy as exc:
             raise RequestError(str(exc), status=503) from None
-        completion_id = protocol.new_completion_id()
         arrived = time.perf_counter()
-        if chat.user is not None:
-            log.info("%s: for user %s", completion_id, json.dumps(chat.user[:100], ensure_ascii=False))
+        if sampling.user is not None:
+            log.info("%s: for user %s", shape.id, json.dumps(sampling.user[:100], ensure_ascii=False))
         events = service.generate(prompt_ids, generation)
-        if chat.stream:
+        if sampling.stream:
             return StreamingResponse(
-                _sse(completion_id, model_id, chat, events, arrived, limits.sse_keep_alive_s),
+                _sse(shape, sampling.include_usage, events, arrived, limits.sse_keep_alive_s),
                 media_type="text/event-stream",
                 # nginx buffers proxied answers unless told not to: a stream would arrive in lumps.
-                headers={"cache-control": "no-cache", "x-request-id": completion_id, "x-accel-buffering": "no"},
+                headers={"cache-control": "no-cache", "x-request-id": shape.id, "x-accel-buffering": "no"},
             )
-        return await _complete(request, completion_id, model_id, events, arrived)
+        return await _complete(request, shape, events, arrived)
+
+    async def tokenize(request: Request) -> Response:
+        """vLLM's /tokenize: a prompt (read as /v1/completions reads it) or messages (as chat reads them)."""
+        service = ready()
+        body = await _read_json(request, limits.max_body_bytes, limits.request_timeout_s)
+        parsed = protocol.parse_tokenize_request(body)
+        if isinstance(parsed, str):
+            ids = await service.tokenize(parsed)
+        else:
+            ids = await service.prompt_ids(parsed)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": service.engine.context_length})
+
+    async def detokenize(request: Request) -> Response:
+        service = ready()
+        body = await _read_json(request, limits.max_body_bytes, limits.request_timeout_s)
+        ids = _known_ids(service.engine, protocol.parse_detokenize_request(body), "tokens")
+        return JSONResponse({"prompt": _detokenize(service.engine, ids)})
 
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
@@ -197,6 +232,9 @@ def create_app(
             Route("/health", _answering(health), methods=["GET"]),
             Route("/v1/models", _answering(models), methods=["GET"]),
             Route("/v1/chat/completions", _answering(chat_completions, metrics), methods=["POST"]),
+            Route("/v1/completions", _answering(completions, metrics), methods=["POST"]),
+            Route("/tokenize", _answering(tokenize), methods=["POST"]),
+            Route("/detokenize", _answering(detokenize), methods=["POST"]),
             Route("/metrics", _answering(prometheus), methods=["GET"]),
         ],
         exception_handlers={HTTPException: on_http_error},
@@ -234,7 +272,7 @@ def _answering(
         except Exception as exc:
             if metrics is not None:
                 metrics.requests.labels("failed").inc()
-            reference = protocol.new_completion_id().replace("chatcmpl", "error")
+            reference = protocol.error_reference()
             first_line = (str(exc).strip().splitlines() or [""])[0][:200]
             log.error("%s %s failed (%s): %s: %s", request.method, request.url.path, reference,
                       type(exc).__name__, first_line)  # fmt: skip
@@ -302,7 +340,7 @@ def _fit(engine: Engine, prompt_tokens: int, asked: int | None, limit: int) -> i
 
 
 async def _complete(
-    request: Request, completion_id: str, model_id: str, events: AsyncGenerator[Any, None], arrived: float
+    request: Request, shape: protocol.ChatAnswer, events: AsyncGenerator[Any, None], arrived: float
 ) -> Response:
     """A whole answer in one JSON body; the generation stops if the client leaves before it."""
 
@@ -325,13 +363,28 @@ async def _complete(
             with contextlib.suppress(asyncio.CancelledError):
                 await answer
     if answer.cancelled():
-        _log_request(completion_id, None, "client left or server stopping")
+        _log_request(shape.id, None, "client left or server stopping")
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it
     end = answer.result()
     queued = end.started - arrived
-    _log_request(completion_id, end, queued=queued)
-    return JSONResponse(protocol.completion(completion_id, model_id, end.text, end, queued),
-                        headers={"x-request-id": completion_id})  # fmt: skip
+    _log_request(shape.id, end, queued=queued)
+    return JSONResponse(shape.whole(end.text, end, queued), headers={"x-request-id": shape.id})
+
+
+def _known_ids(engine: Engine, ids: list[int], param: str) -> list[int]:
+    """Token ids the model knows, or a 400 naming the first that it does not."""
+    size = engine.vocabulary_size
+    for index, token in enumerate(ids):
+        if not 0 <= token < size:
+            raise RequestError(f"{param}[{index}] is {token}: the model's token ids run from 0 to {size - 1}",
+                               param=param)  # fmt: skip
+    return ids
+
+
+def _detokenize(engine: Engine, ids: list[int]) -> str:
+    """The text of ``ids`` as a prompt writes it (control tokens spelled out), so that tokenising
+    it gives the ids back; bytes that are not whole UTF-8 characters become U+FFFD."""
+    return b"".join(engine.token_spelling(token) for token in ids).decode("utf-8", errors="replace")
 
 
 async def _disconnected(request: Request) -> None:
@@ -341,19 +394,18 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _sse(
-    completion_id: str,
-    model_id: str,
-    chat: protocol.ChatRequest,
+    shape: protocol.ChatAnswer,
+    include_usage: bool,
     events: AsyncGenerator[Any, None],
     arrived: float,
     keep_alive_s: float,
 ) -> AsyncIterator[str]:
-    """Server-sent events as OpenAI sends them: a role chunk, text chunks, a finish chunk,
-    usage if asked, then [DONE]; a comment line when nothing else has gone out for
-    ``keep_alive_s``. Starlette cancels this when the client disconnects, which cancels
+    """Server-sent events as OpenAI sends them: an opening chunk (chat's role), text chunks, a
+    finish chunk, usage if asked, then [DONE]; a comment line when nothing else has gone out
+    for ``keep_alive_s``. Starlette cancels this when the client disconnects, which cancels
     the generation."""
-    created = int(time.time())
-    yield _event(protocol.chunk(completion_id, model_id, created, {"role": "assistant", "content": ""}))
+    if (opening := shape.opening()) is not None:
+        yield _event(opening)
     end: StreamEnd | None = None
     try:
         # Closed on the way out whatever happens, so that the generation stops with the stream.
@@ -364,25 +416,23 @@ async def _sse(
                     continue
                 if isinstance(event, TokenEvent):
                     if event.text:
-                        yield _event(protocol.chunk(completion_id, model_id, created, {"content": event.text}))
+                        yield _event(shape.piece(event.text))
                 elif isinstance(event, StreamEnd):
                     end = event
     except Exception as exc:  # the engine failed mid-answer: tell this client, keep serving the others
-        log.exception("%s: generation failed", completion_id)
+        log.exception("%s: generation failed", shape.id)
         yield _event(protocol.error_body(f"generation failed: {exc}", "server_error"))
         return
     except BaseException:
-        _log_request(completion_id, None, "client left or server stopping")
+        _log_request(shape.id, None, "client left or server stopping")
         raise
     assert end is not None
     queued = end.started - arrived
-    finish = protocol.FINISH_REASONS[end.reason]
-    extra = {"timings": protocol.timings(end, queued)}
-    yield _event(protocol.chunk(completion_id, model_id, created, {}, finish, extra))
-    if chat.include_usage:
-        yield _event(protocol.usage_chunk(completion_id, model_id, created, end))
+    yield _event(shape.closing(protocol.FINISH_REASONS[end.reason], {"timings": protocol.timings(end, queued)}))
+    if include_usage:
+        yield _event(shape.usage_chunk(end))
     yield "data: [DONE]\n\n"
-    _log_request(completion_id, end, queued=queued)
+    _log_request(shape.id, end, queued=queued)
 
 
 # An SSE comment: clients skip it, and it shows the connection is alive.

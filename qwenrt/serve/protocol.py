@@ -11,7 +11,7 @@ import math
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from qwenrt.runtimes.base import (
@@ -69,16 +69,15 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-# Every field a chat-completion request may carry, and what this server does with it. A field
-# that is not here is refused, by name: nothing a client sends is silently dropped. Fields
-# marked "refused" are refused unless null or their "off" value; tests/test_serve_fields.py
-# walks the official openai package's request type against this table.
+# Every field a request may carry, and what this server does with it. A field that is not
+# here is refused, by name: nothing a client sends is silently dropped. Fields marked
+# "refused" are refused unless null or their "off" value; tests/test_serve.py walks the
+# official openai package's request types against these tables.
 HONOURED, REFUSED = "honoured", "refused"
-CHAT_FIELDS: dict[str, str] = {
-    "messages": HONOURED,
+# What chat and raw completions share: how the answer is sampled, streamed and labelled.
+SAMPLING_FIELDS: dict[str, str] = {
     "model": HONOURED,  # any name: one model is served (GET /v1/models)
     "max_tokens": HONOURED,
-    "max_completion_tokens": HONOURED,
     "temperature": HONOURED,
     "top_p": HONOURED,
     "stop": HONOURED,
@@ -88,9 +87,20 @@ CHAT_FIELDS: dict[str, str] = {
     "stream_options": HONOURED,  # include_usage
     "presence_penalty": HONOURED,
     "frequency_penalty": HONOURED,
-    "response_format": HONOURED,  # text, json_object, json_schema: enforced while decoding
     "user": HONOURED,  # a caller's label: written to the request's log line
-    "safety_identifier": HONOURED,  # the same
+    "logprobs": REFUSED,  # false (chat) or 0 (completions) is accepted
+    "logit_bias": REFUSED,  # an empty map is accepted
+    # qwenrt's own, as vLLM and llama.cpp's server name them
+    "top_k": HONOURED,
+    "repetition_penalty": HONOURED,
+    "ignore_eos": HONOURED,
+    "response_format": HONOURED,  # text, json_object, json_schema: enforced while decoding
+}
+CHAT_FIELDS: dict[str, str] = {
+    **SAMPLING_FIELDS,
+    "messages": HONOURED,
+    "max_completion_tokens": HONOURED,
+    "safety_identifier": HONOURED,  # like user
     "prompt_cache_key": HONOURED,  # a caching hint: the engine reuses any common prefix by itself
     "store": HONOURED,  # false only: nothing is stored
     "metadata": HONOURED,  # kept only with store, so: empty only
@@ -102,9 +112,7 @@ CHAT_FIELDS: dict[str, str] = {
     "parallel_tool_calls": REFUSED,  # it applies to tools
     "functions": REFUSED,
     "function_call": REFUSED,
-    "logprobs": REFUSED,  # false is accepted
     "top_logprobs": REFUSED,
-    "logit_bias": REFUSED,  # an empty map is accepted
     "audio": REFUSED,
     "prediction": REFUSED,
     "reasoning_effort": REFUSED,  # the model does not reason apart from its answer
@@ -112,14 +120,17 @@ CHAT_FIELDS: dict[str, str] = {
     "web_search_options": REFUSED,
     "moderation": REFUSED,
     "prompt_cache_options": REFUSED,
-    # qwenrt's own, as vLLM and llama.cpp's server name them
-    "top_k": HONOURED,
-    "repetition_penalty": HONOURED,
-    "ignore_eos": HONOURED,
+}
+COMPLETION_FIELDS: dict[str, str] = {
+    **SAMPLING_FIELDS,
+    "prompt": HONOURED,  # a string, or token ids; one prompt per request
+    "echo": HONOURED,  # the prompt's text ahead of the answer's
+    "best_of": HONOURED,  # 1 only
+    "suffix": REFUSED,  # text after the insertion: the model's chat template has no such turn
 }
 # The "off" value of each refused field, accepted as if left out.
-_REFUSED_UNLESS = {"logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],),
-                   "functions": ([],)}  # fmt: skip
+_REFUSED_UNLESS = {"logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],),
+                   "functions": ([],), "suffix": ("",)}  # fmt: skip
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 # json_object: any JSON object, as OpenAI's JSON mode gives.
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
@@ -153,15 +164,16 @@ class SamplingDefaults:
 
 
 @dataclass(frozen=True)
-class ChatRequest:
-    messages: list[Message]
-    max_tokens: int | None  # None: as many as the context window leaves room for, up to the server's limit
-    temperature: float
-    top_p: float
-    stop: tuple[str, ...]
-    seed: int | None
-    stream: bool
-    include_usage: bool
+class Sampling:
+    """What chat and raw completions share: how many tokens, how they are sampled, how they are sent."""
+
+    max_tokens: int | None = None  # None: as many as the context window leaves room for, up to the server's limit
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
     ignore_eos: bool = False
     top_k: int = 0
     repetition_penalty: float = 1.0
@@ -186,16 +198,78 @@ class ChatRequest:
         )
 
 
+@dataclass(frozen=True)
+class ChatRequest(Sampling):
+    messages: list[Message] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CompletionRequest(Sampling):
+    prompt: str | list[int] = ""  # text (its control tokens' spellings read as such), or token ids
+    echo: bool = False
+
+
 def parse_chat_request(
     body: Any, max_tokens_limit: int, defaults: SamplingDefaults = SamplingDefaults()
 ) -> ChatRequest:
-    """Check a decoded JSON body; raise RequestError naming the first field that is wrong."""
+    """Check a decoded chat-completion body; raise RequestError naming the first field that is wrong."""
+    body = _object(body, CHAT_FIELDS)
+    messages = _messages(body.get("messages"))
+    _only_the_one_thing_there_is(body)
+    for name in ("safety_identifier", "prompt_cache_key"):
+        _string(body, name)
+    # OpenAI's newer name wins; a null one (clients that send every field) leaves the older.
+    tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    sampling = _sampling(body, max_tokens_limit, defaults, tokens_field)
+    if sampling.user is None and body.get("safety_identifier") is not None:
+        sampling = replace(sampling, user=body["safety_identifier"])
+    return ChatRequest(**asdict(sampling), messages=messages)
+
+
+def parse_completion_request(
+    body: Any, max_tokens_limit: int, defaults: SamplingDefaults = SamplingDefaults()
+) -> CompletionRequest:
+    """Check a decoded raw-completion body (POST /v1/completions) the same way."""
+    body = _object(body, COMPLETION_FIELDS)
+    prompt = _prompt(body.get("prompt"))
+    if _given(body, "best_of", 1) != 1:
+        raise RequestError("only best_of=1 is supported: one answer per request", param="best_of")
+    sampling = _sampling(body, max_tokens_limit, defaults, "max_tokens")
+    return CompletionRequest(**asdict(sampling), prompt=prompt, echo=_flag(body, "echo"))
+
+
+def parse_tokenize_request(body: Any) -> str | list[Message]:
+    """POST /tokenize (vLLM's): a raw prompt, or chat messages; the model field is accepted."""
+    body = _object(body, {"prompt": HONOURED, "messages": HONOURED, "model": HONOURED})
+    _string(body, "model")
+    if (body.get("prompt") is None) == (body.get("messages") is None):
+        raise RequestError("send either prompt or messages", param="prompt")
+    if body.get("prompt") is not None:
+        if not isinstance(body["prompt"], str):
+            raise RequestError("prompt must be a string", param="prompt")
+        return _text(body["prompt"], "prompt")
+    return _messages(body["messages"], answerable=False)
+
+
+def parse_detokenize_request(body: Any) -> list[int]:
+    """POST /detokenize (vLLM's): token ids."""
+    body = _object(body, {"tokens": HONOURED, "model": HONOURED})
+    _string(body, "model")
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise RequestError("tokens must be a list of token ids", param="tokens")
+    return tokens
+
+
+def _object(body: Any, fields: dict[str, str]) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    _known_fields(body)
-    messages = _messages(body.get("messages"))
-    # OpenAI's newer name wins; a null one (clients that send every field) leaves the older.
-    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    _known_fields(body, fields)
+    return body
+
+
+def _sampling(body: dict[str, Any], max_tokens_limit: int, defaults: SamplingDefaults, tokens_field: str) -> Sampling:
+    param = tokens_field
     max_tokens = body.get(param)
     if max_tokens is not None:
         max_tokens = _integer(max_tokens, param)
@@ -235,19 +309,15 @@ def parse_chat_request(
         if not -MAX_ADDITIVE_PENALTY <= penalties[name] <= MAX_ADDITIVE_PENALTY:
             raise RequestError(f"{name} must be between {-MAX_ADDITIVE_PENALTY:g} and {MAX_ADDITIVE_PENALTY:g}",
                                param=name)  # fmt: skip
-    _only_the_one_thing_there_is(body)
-    for name in ("model", "user", "safety_identifier", "prompt_cache_key"):
-        if body.get(name) is not None and not isinstance(body[name], str):
-            raise RequestError(f"{name} must be a string", param=name)
-    user = body.get("user") if body.get("user") is not None else body.get("safety_identifier")
+    for name in ("model", "user"):
+        _string(body, name)
     stream = _flag(body, "stream")
     options = _given(body, "stream_options", {})
     if not isinstance(options, dict):
         raise RequestError("stream_options must be an object", param="stream_options")
     if options and not stream:
         raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
-    return ChatRequest(
-        messages=messages,
+    return Sampling(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -258,17 +328,37 @@ def parse_chat_request(
         ignore_eos=_flag(body, "ignore_eos"),
         top_k=top_k,
         json_schema=_response_format(body.get("response_format")),
-        user=user,
+        user=body.get("user"),
         **penalties,
     )
 
 
-def _known_fields(body: dict[str, Any]) -> None:
+def _string(body: dict[str, Any], name: str) -> None:
+    if body.get(name) is not None and not isinstance(body[name], str):
+        raise RequestError(f"{name} must be a string", param=name)
+
+
+def _prompt(value: Any) -> str | list[int]:
+    """One prompt: text, or token ids; a list of one of either is that one (OpenAI's batch form)."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]
+    if isinstance(value, str):
+        if not value:
+            raise RequestError("prompt must not be empty", param="prompt")
+        return _text(value, "prompt")
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return value
+    if isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
+        raise RequestError("one prompt per request: send the others as requests of their own", param="prompt")
+    raise RequestError("prompt must be a string or a list of token ids", param="prompt")
+
+
+def _known_fields(body: dict[str, Any], fields: dict[str, str]) -> None:
     for name in body:
-        if name not in CHAT_FIELDS:
+        if name not in fields:
             raise RequestError(f"{name} is not a field this server knows; leave it out", param=name,
                                code="unknown_field")  # fmt: skip
-        if CHAT_FIELDS[name] == REFUSED and body[name] is not None and body[name] not in _REFUSED_UNLESS.get(name, ()):
+        if fields[name] == REFUSED and body[name] is not None and body[name] not in _REFUSED_UNLESS.get(name, ()):
             raise RequestError(f"{name} is not supported by this server; leave it out", param=name,
                                code="unsupported_field")  # fmt: skip
 
@@ -320,7 +410,7 @@ def _response_format(value: Any) -> str | None:
     return json.dumps(schema, ensure_ascii=False, sort_keys=True)
 
 
-def _messages(value: Any) -> list[Message]:
+def _messages(value: Any, answerable: bool = True) -> list[Message]:
     if not isinstance(value, list) or not value:
         raise RequestError("messages must be a non-empty list", param="messages")
     messages: list[Message] = []
@@ -334,7 +424,7 @@ def _messages(value: Any) -> list[Message]:
         if role not in ROLES:
             raise RequestError(f"{where}.role must be one of {', '.join(ROLES)}, not {role!r}", param=f"{where}.role")
         messages.append({"role": role, "content": _content(message.get("content"), f"{where}.content")})
-    if messages[-1]["role"] == "assistant":
+    if answerable and messages[-1]["role"] == "assistant":
         raise RequestError("the last message must not be the assistant's: there is nothing to answer", param="messages")
     return messages
 
@@ -407,10 +497,6 @@ def _number(value: Any, param: str) -> float:
 FINISH_REASONS: dict[StopReason, str] = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 
 
-def new_completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
-
-
 def usage(end: StreamEnd) -> dict[str, int]:
     return {
         "prompt_tokens": end.prompt_tokens,
@@ -430,50 +516,63 @@ def timings(end: StreamEnd, queued: float) -> dict[str, float | None]:
     }
 
 
-def completion(completion_id: str, model: str, text: str, end: StreamEnd, queued: float) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": FINISH_REASONS[end.reason],
-                "logprobs": None,
-            }
-        ],
-        "usage": usage(end),
-        "timings": timings(end, queued),
-    }
+class ChatAnswer:
+    """An answer in chat-completion form: a message, or a role chunk, deltas and a finish chunk."""
+
+    prefix, whole_object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, model: str, echo: str = "") -> None:
+        self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
+        self.model = model
+        self.created = int(time.time())
+        self.echo = echo  # text shown ahead of the answer's own (raw completions' echo)
+
+    def _chunk(self, choice: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                "choices": [{"index": 0, **choice, "logprobs": None}], **(extra or {})}  # fmt: skip
+
+    def opening(self) -> dict[str, Any] | None:
+        return self._chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return self._chunk({"delta": {"content": text}, "finish_reason": None})
+
+    def closing(self, finish_reason: str, extra: dict[str, Any]) -> dict[str, Any]:
+        return self._chunk({"delta": {}, "finish_reason": finish_reason}, extra)
+
+    def usage_chunk(self, end: StreamEnd) -> dict[str, Any]:
+        """The extra last chunk OpenAI sends when the client asks for stream_options.include_usage."""
+        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                "choices": [], "usage": usage(end)}  # fmt: skip
+
+    def _choice(self, text: str) -> dict[str, Any]:
+        return {"message": {"role": "assistant", "content": text}}
+
+    def whole(self, text: str, end: StreamEnd, queued: float) -> dict[str, Any]:
+        choice = {"index": 0, **self._choice(self.echo + text), "finish_reason": FINISH_REASONS[end.reason],
+                  "logprobs": None}  # fmt: skip
+        return {"id": self.id, "object": self.whole_object, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": usage(end), "timings": timings(end, queued)}  # fmt: skip
 
 
-def chunk(
-    completion_id: str,
-    model: str,
-    created: int,
-    delta: dict[str, str],
-    finish_reason: str | None = None,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
-        **(extra or {}),
-    }
+class TextAnswer(ChatAnswer):
+    """An answer in raw-completion form (POST /v1/completions): text, and text pieces."""
+
+    prefix, whole_object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def opening(self) -> dict[str, Any] | None:
+        return self.piece(self.echo) if self.echo else None
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return self._chunk({"text": text, "finish_reason": None})
+
+    def closing(self, finish_reason: str, extra: dict[str, Any]) -> dict[str, Any]:
+        return self._chunk({"text": "", "finish_reason": finish_reason}, extra)
+
+    def _choice(self, text: str) -> dict[str, Any]:
+        return {"text": text}
 
 
-def usage_chunk(completion_id: str, model: str, created: int, end: StreamEnd) -> dict[str, Any]:
-    """The extra last chunk OpenAI sends when the client asks for stream_options.include_usage."""
-    return {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage(end),
-    }
+def error_reference() -> str:
+    """The reference a 500 carries, for the server's log line to be found by."""
+    return f"error-{uuid.uuid4().hex[:24]}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -55,11 +55,19 @@ class EngineService:
         self._cancels: set[threading.Event] = set()
 
     async def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        def tokenize() -> list[int]:
-            with self._tokenizer_lock:
-                return self.engine.chat_prompt_ids(messages)
+        """A conversation's prompt, as chat reads it (message text as text)."""
+        return await self._tokenizing(lambda: self.engine.chat_prompt_ids(messages))
 
-        return await asyncio.get_running_loop().run_in_executor(self._threads, tokenize)
+    async def tokenize(self, prompt: str) -> list[int]:
+        """A raw prompt, as the model reads it: control tokens' spellings are control tokens."""
+        return await self._tokenizing(lambda: self.engine.tokenize(prompt))
+
+    async def _tokenizing(self, work: Callable[[], list[int]]) -> list[int]:
+        def locked() -> list[int]:
+            with self._tokenizer_lock:
+                return work()
+
+        return await asyncio.get_running_loop().run_in_executor(self._threads, locked)
 
     def warm_up(self) -> float:
         """Run one short generation so that the first client does not pay for the engine's

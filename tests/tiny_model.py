@@ -19,6 +19,37 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# The same conversations as CHATML_TEMPLATE renders them, and tools in the format Qwen2.5's
+# template uses (written for these tests): a system block listing the functions, the
+# assistant's calls between tool_call tags, and tool answers in a user turn.
+TOOLS_TEMPLATE = (
+    "{% if tools %}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}{{ 'You are a helpful assistant.' }}"
+    "{% endif %}"
+    "{{ '\\n\\n# Tools\\n<tools>' }}{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}"
+    '{{ \'\\n</tools>\\nTo call a function, write <tool_call>\\n{"name": <name>, "arguments": <object>}\\n\''
+    " + '</tool_call><|im_end|>\\n' }}"
+    "{% elif messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and loop.first and tools %}"
+    "{% elif message['role'] == 'assistant' and message.tool_calls %}"
+    "{{ '<|im_start|>assistant' }}{% if message['content'] %}{{ '\\n' + message['content'] }}{% endif %}"
+    "{% for call in message.tool_calls %}"
+    '{{ \'\\n<tool_call>\\n{"name": "\' + call.function.name + \'", "arguments": \' }}'
+    "{{ call.function.arguments | tojson }}{{ '}\\n</tool_call>' }}"
+    "{% endfor %}{{ '<|im_end|>\\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 # Qwen2's own pre-tokenizer split pattern, so that llama.cpp's "qwen2" pre-tokenizer
 # and the Hugging Face tokenizer cut text the same way.
 QWEN2_SPLIT_PATTERN = (
@@ -42,7 +73,14 @@ TRAINING_TEXT = [
 
 
 def build_tiny_qwen2(
-    out_dir: Path, *, layers: int = 2, seed: int = 0, tied: bool = True, hidden: int = 64, context: int = 512
+    out_dir: Path,
+    *,
+    layers: int = 2,
+    seed: int = 0,
+    tied: bool = True,
+    hidden: int = 64,
+    context: int = 512,
+    chat_template: str = CHATML_TEMPLATE,
 ) -> Path:
     """Write a tiny Qwen2 checkpoint (config, safetensors, tokenizer) to ``out_dir``.
 
@@ -81,7 +119,7 @@ def build_tiny_qwen2(
         model_max_length=context,
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(out_dir)
 
     vocab_size = len(tokenizer)

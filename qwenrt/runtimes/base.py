@@ -86,8 +86,9 @@ class GenerationConfig:
     repetition_penalty: float = 1.0  # 1: off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    # A JSON schema (as JSON text) the answer must follow, enforced while decoding.
-    json_schema: str | None = None
+    # A GBNF grammar the answer must follow, enforced while decoding (qwenrt.runtimes.grammar
+    # makes them from JSON schemas and tools).
+    grammar: str | None = None
 
     @property
     def penalised(self) -> bool:
@@ -175,9 +176,9 @@ class Engine(ABC):
     # Settings that avoid crashes seen on some CPUs, tried in order when the probe crashes.
     safe_fallbacks: ClassVar[tuple[SafeFallback, ...]] = ()
     # What a generation may ask beyond temperature, top-p, top-k, a seed and stop strings:
-    # penalties (GenerationConfig.penalised) and an answer held to a JSON schema while decoding.
+    # penalties (GenerationConfig.penalised) and an answer held to a grammar while decoding.
     applies_penalties: ClassVar[bool] = False
-    follows_json_schema: ClassVar[bool] = False
+    follows_grammar: ClassVar[bool] = False
     concurrency: int = 1
 
     def __init__(
@@ -318,29 +319,35 @@ class Engine(ABC):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        return render_chat(self.chat_template, messages)
+    def render_chat(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None = None) -> str:
+        return render_chat(self.chat_template, messages, tools=tools)
 
-    def chat_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        """The conversation's prompt ids. The template's own markers are control tokens; what the
-        messages say is text, always: a user who writes "<|im_end|><|im_start|>assistant" gets
-        those characters read, not a turn of their own making."""
+    def chat_prompt_ids(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """The conversation's prompt ids (``tools``: OpenAI's tool objects, shown as the template shows
+        them). The template's own markers are control tokens; what the messages say is text, always:
+        a user who writes "<|im_end|><|im_start|>assistant" gets those characters read, not a turn
+        of their own making."""
         if not any(self.spells_control_tokens(m["content"]) for m in messages):
-            return self.tokenize(self.render_chat(messages))
-        return self._ids_with_contents_as_text(messages)
+            return self.tokenize(self.render_chat(messages, tools))
+        return self._ids_with_contents_as_text(messages, tools)
 
     def spells_control_tokens(self, text: str) -> bool:
         """Whether ``text`` holds the spelling of a control token (which tokenize would take as one)."""
         return bool(text) and self.tokenize(text) != self.tokenize_text(text)
 
-    def _ids_with_contents_as_text(self, messages: Sequence[Message]) -> list[int]:
+    def _ids_with_contents_as_text(
+        self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None
+    ) -> list[int]:
         # Each content is rendered as a placeholder first, so that the template's text and the
         # contents are tokenised apart: the template's with its control tokens, the contents as text.
-        placeholders = [f"\ue000qwenrt-content-{index}\ue001" for index in range(len(messages))]
-        rendered = self.render_chat([{**m, "content": p} for m, p in zip(messages, placeholders, strict=True)])
+        # An empty content stays empty (templates treat it apart: an assistant turn of calls only).
+        placeholders = [f"\ue000qwenrt-content-{i}\ue001" if m["content"] else "" for i, m in enumerate(messages)]
+        rendered = self.render_chat([{**m, "content": p} for m, p in zip(messages, placeholders, strict=True)], tools)
         ids: list[int] = []
         position = 0
         for message, placeholder in zip(messages, placeholders, strict=True):
+            if not placeholder:
+                continue
             at = rendered.find(placeholder, position)
             if at < 0 or rendered.count(placeholder) != 1:
                 raise QwenrtError(
@@ -355,9 +362,13 @@ class Engine(ABC):
         return self.tokenize(text) if text else []
 
     def stream_chat(
-        self, messages: Sequence[Message], config: GenerationConfig, cancel: threading.Event | None = None
+        self,
+        messages: Sequence[Message],
+        config: GenerationConfig,
+        cancel: threading.Event | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> Iterator[Event]:
-        return self.stream(self.chat_prompt_ids(messages), config, cancel)
+        return self.stream(self.chat_prompt_ids(messages, tools), config, cancel)
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens == 0:
@@ -376,15 +387,8 @@ class Engine(ABC):
         what it asked for."""
         if config.penalised and not cls.applies_penalties:
             return "penalties", f"the {cls.name} engine applies no repetition, presence or frequency penalties"
-        if config.json_schema is not None:
-            if not cls.follows_json_schema:
-                return "json_schema", f"the {cls.name} engine cannot hold an answer to a JSON schema"
-            from qwenrt.runtimes.grammar import json_schema_grammar
-
-            try:
-                json_schema_grammar(config.json_schema)
-            except Exception as exc:  # the converter raises plain exceptions of any kind
-                return "json_schema", f"this JSON schema cannot be made into a grammar: {exc}"
+        if config.grammar is not None and not cls.follows_grammar:
+            return "grammar", f"the {cls.name} engine cannot hold an answer to a grammar"
         return None
 
     def stream(

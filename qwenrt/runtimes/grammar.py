@@ -15,10 +15,17 @@ excludes them (``[^"\\\x7f\x00-\x1f]``, common/json-schema-to-grammar.cpp), and 
 from __future__ import annotations
 
 import functools
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
 
 # The converter's rule for a character of a JSON string, and llama.cpp's, without control characters.
 _CHAR_RULE = 'char ::= [^"\\\\] |'
 _JSON_CHAR_RULE = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+# A string as the converter writes it, and the same language right-recursive.
+_STRING_RULE = 'string ::= "\\"" char* "\\"" space'
+_RECURSIVE_STRING_RULE = 'string ::= "\\"" string-tail\nstring-tail ::= "\\"" space | char string-tail'
 
 
 @functools.lru_cache(maxsize=64)
@@ -27,4 +34,27 @@ def json_schema_grammar(json_schema: str) -> str:
     the same few again and again. Raises whatever the converter raises for a schema it cannot take."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    return json_schema_to_gbnf(json_schema).replace(_CHAR_RULE, _JSON_CHAR_RULE)
+    grammar = json_schema_to_gbnf(json_schema)
+    return grammar.replace(_CHAR_RULE, _JSON_CHAR_RULE).replace(_STRING_RULE, _RECURSIVE_STRING_RULE)
+
+
+# How Qwen2.5's chat template writes a call (and its system prompt asks the model to).
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def tool_call_grammar(functions: Sequence[dict[str, Any]], parallel: bool) -> str:
+    """An answer of tool calls only, as Qwen2.5 writes them: ``<tool_call>``, a line of
+    ``{"name": NAME, "arguments": ARGUMENTS}``, ``</tool_call>``, with ARGUMENTS held to that
+    function's parameters (OpenAI's function objects: name, parameters). More than one call,
+    a line apart, when ``parallel``."""
+    calls = {"anyOf": [{"type": "object",
+                        "properties": {"name": {"const": function["name"]},
+                                       "arguments": function.get("parameters") or {"type": "object"}},
+                        "required": ["name", "arguments"], "additionalProperties": False}
+                       for function in functions]}  # fmt: skip
+    # The schema's root becomes one rule of the whole; the converter names no other rule "root".
+    call_json = re.sub(r"^root ::=", "qwenrt-call ::=", json_schema_grammar(json.dumps(calls)), count=1,
+                       flags=re.MULTILINE)  # fmt: skip
+    call = f'"{TOOL_CALL_OPEN}\\n" qwenrt-call "\\n{TOOL_CALL_CLOSE}"'
+    root = f"root ::= {call}" + (f' ("\\n" {call})*' if parallel else "")
+    return f"{root}\n{call_json}"

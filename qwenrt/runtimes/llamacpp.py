@@ -16,6 +16,7 @@ handed to a single thread; the hand-over costs well under 0.1 ms a token.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import threading
 import time
@@ -30,7 +31,6 @@ from qwenrt.host import this_host
 from qwenrt.manifest import GGUF_KEY, trained_context_length
 from qwenrt.runtimes import mapped_pages
 from qwenrt.runtimes.base import DEFAULT_CONTEXT, Engine, EngineOptions, GenerationConfig
-from qwenrt.runtimes.grammar import json_schema_grammar
 from qwenrt.runtimes.probe import SafeFallback
 from qwenrt.runtimes.settings import Knob, ResolvedSettings, Rule
 
@@ -52,7 +52,7 @@ class LlamaCppEngine(Engine):
     artifact_format = "GGUF Q8_0"
     packages = ("llama-cpp-python",)
     applies_penalties = True  # qwenrt's own (qwenrt.runtimes.penalties), on each step's logits
-    follows_json_schema = True  # a llama.cpp grammar made from the schema (qwenrt.runtimes.grammar)
+    follows_grammar = True  # checked last, as llama.cpp's own sampler does (_grammar_last_llama)
     knobs = (
         # Weight repacking for the CPU's own kernels; on x86 the one that takes Q8_0 is AMX.
         Knob(EXTRA_BUFFER_TYPES, "repack weights for this CPU's special kernels (AMX on Intel Xeon)",
@@ -93,7 +93,6 @@ class LlamaCppEngine(Engine):
         self, model_dir: Path, options: EngineOptions = EngineOptions(), settings: ResolvedSettings | None = None
     ) -> None:
         super().__init__(model_dir, options, settings)
-        from llama_cpp import Llama
 
         from qwenrt.gguf_check import check_gguf
 
@@ -115,7 +114,7 @@ class LlamaCppEngine(Engine):
         def load() -> Any:
             # Huge pages need the weights in the engine's own memory: the file's pages are the page cache's.
             with _extra_buffer_types(self.resolved.get(EXTRA_BUFFER_TYPES)):
-                return Llama(model_path=str(path), n_ctx=self.context_length, n_batch=512,
+                return _grammar_last_llama()(model_path=str(path), n_ctx=self.context_length, n_batch=512,
                              use_mmap=not options.huge_pages, logits_all=options.all_logits, verbose=False,
                              **chosen)  # fmt: skip
 
@@ -190,6 +189,8 @@ class LlamaCppEngine(Engine):
         # seed, or an earlier request's seed would make every later answer repeat.
         llm.set_seed(config.seed if config.seed is not None else LLAMA_DEFAULT_SEED)
         failures: list[BaseException] = []
+        # Read when generate() makes its sampler, at the first token (see _grammar_last_llama).
+        llm.grammar_last = config.grammar
         tokens = llm.generate(
             prompt_ids,
             temp=config.temperature,
@@ -199,7 +200,6 @@ class LlamaCppEngine(Engine):
             repeat_penalty=1.0,  # llama.cpp's own penalties mean something else: see _penalties
             reset=True,
             logits_processor=self._logits_processors(config, prompt_ids, failures),
-            grammar=_grammar(config.json_schema) if config.json_schema is not None else None,
         )
 
         def step() -> tuple[int, float] | None:
@@ -225,7 +225,7 @@ class LlamaCppEngine(Engine):
         processors = []
         if config.penalised:
             processors.append(_penalties(config, prompt_ids))
-        if config.json_schema is not None:
+        if config.grammar is not None:
             # A finished grammar lets llama.cpp end on any token it counts as an end of generation
             # (<|endoftext|> too), which this engine does not stop at: the answer would run on with
             # empty tokens to the budget. Only the engine's own end tokens stay open, as in GenAI.
@@ -310,10 +310,88 @@ def _penalties(config: GenerationConfig, prompt_ids: list[int]) -> Callable[[np.
     return penalise
 
 
-def _grammar(json_schema: str) -> Any:
-    from llama_cpp.llama_grammar import LlamaGrammar
+@functools.cache
+def _grammar_last_llama() -> type:
+    """llama-cpp-python's Llama, whose sampler checks a grammar last, as llama.cpp's own common
+    sampler does (common/sampling.cpp): the token the other samplers choose is checked against
+    the grammar alone, and only if the grammar refuses it is the grammar applied to the whole
+    vocabulary and the token chosen again. llama-cpp-python puts the grammar in the chain,
+    where it reads every one of the 151,936 tokens at every step: constrained decoding then
+    ran at under half the speed (BENCHMARKS.md, "Constrained decoding")."""
+    from llama_cpp import Llama
 
-    return LlamaGrammar.from_string(json_schema_grammar(json_schema), verbose=False)
+    class GrammarLastLlama(Llama):
+        grammar_last: str | None = None  # the grammar of the next generation (None: free)
+
+        def _init_sampler(self, *args: Any, **kwargs: Any) -> Any:
+            chain = super()._init_sampler(*args, **kwargs)
+            return chain if self.grammar_last is None else _GrammarLastSampler(self, chain, self.grammar_last)
+
+    return GrammarLastLlama
+
+
+class _GrammarLastSampler:
+    """A sampler chain and a grammar, the grammar consulted last; what Llama.sample() needs of a sampler."""
+
+    def __init__(self, llm: Any, chain: Any, grammar: str) -> None:
+        import llama_cpp
+        import numpy as np
+
+        self._api = llama_cpp
+        self._chain = chain
+        self._grammar = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode("utf-8"), b"root")
+        if not self._grammar:
+            raise ArtifactError("llama.cpp could not read the answer's grammar")
+        self._vocabulary = llm.n_vocab()
+        self._ids = np.arange(self._vocabulary, dtype=np.int32)
+        self._all = (llama_cpp.llama_token_data * self._vocabulary)()
+        self._all_view = np.ctypeslib.as_array(self._all)
+        self._one = (llama_cpp.llama_token_data * 1)()
+
+    def sample(self, ctx: Any, idx: int = -1) -> int:
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(self._api.llama_get_logits_ith(ctx.ctx, idx), shape=(self._vocabulary,))
+        token = self._choose(logits, grammar_first=False)
+        if not self._grammar_allows(token):
+            token = self._choose(logits, grammar_first=True)
+        self._api.llama_sampler_accept(self._grammar, token)
+        self._chain.accept(token)
+        return token
+
+    def _choose(self, logits: np.ndarray, grammar_first: bool) -> int:
+        # Samplers sort the array in place: every choice starts from the vocabulary in id order.
+        self._all_view["id"] = self._ids
+        self._all_view["logit"] = logits
+        self._all_view["p"] = 0.0
+        candidates = self._candidates(self._all, self._vocabulary)
+        if grammar_first:
+            self._api.llama_sampler_apply(self._grammar, ctypes.byref(candidates))
+        self._api.llama_sampler_apply(self._chain.sampler, ctypes.byref(candidates))
+        return int(self._all[candidates.selected].id)
+
+    def _grammar_allows(self, token: int) -> bool:
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, 0.0, 0.0
+        self._api.llama_sampler_apply(self._grammar, ctypes.byref(self._candidates(self._one, 1)))
+        return self._one[0].logit != float("-inf")
+
+    def _candidates(self, data: Any, size: int) -> Any:
+        return self._api.llama_token_data_array(
+            data=ctypes.cast(data, ctypes.POINTER(self._api.llama_token_data)), size=size, selected=-1, sorted=False
+        )
+
+    def reset(self) -> None:
+        self._api.llama_sampler_reset(self._grammar)
+        self._chain.reset()
+
+    def close(self) -> None:
+        if self._grammar:
+            self._api.llama_sampler_free(self._grammar)
+            self._grammar = None
+        self._chain.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _repacks_into_amx(extra_buffer_types: bool | None) -> bool:

@@ -32,7 +32,6 @@ from qwenrt.manifest import OPENVINO_KEY
 from qwenrt.runtimes import mapped_pages
 from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig, TokenRelay
 from qwenrt.runtimes.byte_vocab import control_token_spellings, token_byte_table
-from qwenrt.runtimes.grammar import json_schema_grammar
 from qwenrt.runtimes.probe import SafeFallback
 from qwenrt.runtimes.settings import Knob, ResolvedSettings, Rule
 
@@ -90,7 +89,7 @@ class OpenVINOEngine(Engine):
     batches = True
     packages = ("openvino", "openvino-genai", "openvino-tokenizers")
     applies_penalties = True  # GenAI's sampler; its meaning is the one qwenrt gives every engine
-    follows_json_schema = True  # GenAI's StructuredOutputConfig (XGrammar), on qwenrt.runtimes.grammar
+    follows_grammar = True  # GenAI's StructuredOutputConfig (XGrammar) reads GBNF as its EBNF
     knobs = (
         Knob(PRECISION, "the arithmetic of the non-INT8 parts (f32, or bf16/f16 where the CPU has them)",
              _precisions, lambda host: plugin_default(PRECISION), rules=(
@@ -340,11 +339,9 @@ class OpenVINOEngine(Engine):
         generation.repetition_penalty = config.repetition_penalty
         generation.presence_penalty = config.presence_penalty
         generation.frequency_penalty = config.frequency_penalty
-        if config.json_schema is not None:
+        if config.grammar is not None:
             # The grammar llama.cpp gets too, not GenAI's own JSON-schema mode (see qwenrt.runtimes.grammar).
-            generation.structured_output_config = ov_genai.StructuredOutputConfig(
-                grammar=json_schema_grammar(config.json_schema)
-            )
+            generation.structured_output_config = ov_genai.StructuredOutputConfig(grammar=config.grammar)
         generation.min_new_tokens = 0
         generation.no_repeat_ngram_size = ov_genai.GenerationConfig().no_repeat_ngram_size
         generation.top_k = config.top_k or ov_genai.GenerationConfig().top_k  # 0 is "off"

@@ -26,25 +26,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+import jsonschema
 import openai
 import psutil
 import pydantic
 import pytest
 from conftest import ENGINES, QWENRT
 from helpers import anonymous_huge_page_bytes, kernel_collapses
-from tiny_model import build_tiny_qwen2
+from tiny_model import CHATML_TEMPLATE, TOOLS_TEMPLATE, build_tiny_qwen2
 
 from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, engine_class, open_engine
+from qwenrt.runtimes.chat_template import template_knows_tools
+from qwenrt.runtimes.grammar import json_schema_grammar
 from qwenrt.serve.protocol import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
     DEFAULT_TEMPERATURE,
     HONOURED,
     JSON_OBJECT_SCHEMA,
+    ChatAnswer,
     RequestError,
     SamplingDefaults,
     parse_chat_request,
     parse_completion_request,
+    split_tool_calls,
 )
 
 # The model folder's name, which is the model id the server shows by default.
@@ -73,9 +78,8 @@ def serve_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     from qwenrt.convert.pipeline import convert
 
-    checkpoint = build_tiny_qwen2(
-        tmp_path_factory.mktemp("serve-checkpoint"), layers=4, hidden=512, context=8192, seed=1
-    )
+    checkpoint = build_tiny_qwen2(tmp_path_factory.mktemp("serve-checkpoint"), layers=4, hidden=512, context=8192,
+                                  seed=1, chat_template=TOOLS_TEMPLATE)  # fmt: skip
     out = tmp_path_factory.mktemp("serve-model") / MODEL_ID
     convert(str(checkpoint), out, log=lambda line: None)
     return out
@@ -434,7 +438,7 @@ def test_raw_answers(server: Server) -> None:
         ({"temperature": 2.5}, "temperature", None),
         ({"top_p": 0}, "top_p", None),
         ({"messages": []}, "messages", None),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", None),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", None),
         ({"max_tokens": 0}, "max_tokens", None),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", None),
         ({"frequency_penalty": 2.5}, "frequency_penalty", None),
@@ -819,7 +823,7 @@ def body(**fields: Any) -> dict[str, Any]:
         ({"messages": []}, "messages"),
         ({"messages": "Hello fox"}, "messages"),
         ({"messages": ["Hello fox"]}, "messages[0]"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
@@ -853,7 +857,19 @@ def body(**fields: Any) -> dict[str, Any]:
         (body(top_k=-1), "top_k"),
         (body(top_k=2.5), "top_k"),
         (body(max_token=5), "max_token"),  # misspelt: named, never ignored
-        (body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+        (body(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice={"type": "function",
+                                                                                   "function": {"name": "g"}}),
+         "tool_choice"),
+        (body(tools=[{"type": "function"}]), "tools[0]"),
+        (body(tools=[{"type": "function", "function": {"name": "a b"}}]), "tools[0].function.name"),
+        (body(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "thing"}}}]),
+         "tools[0].function.parameters"),
+        (body(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required",
+              response_format={"type": "json_object"}), "tool_choice"),
+        ({"messages": [*HELLO, {"role": "tool", "content": "21 C"}]}, "messages[1].tool_call_id"),
+        ({"messages": [*HELLO, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}, *HELLO]},
+         "messages[1].tool_calls[0].function.arguments"),
         (body(logprobs=True), "logprobs"),
         (body(top_logprobs=3), "top_logprobs"),
         (body(logit_bias={"5": 10}), "logit_bias"),
@@ -861,8 +877,8 @@ def body(**fields: Any) -> dict[str, Any]:
         (body(metadata={"a": "b"}), "metadata"),
         (body(modalities=["text", "audio"]), "modalities"),
         (body(service_tier="flex"), "service_tier"),
-        (body(tool_choice="auto"), "tool_choice"),
-        (body(parallel_tool_calls=True), "parallel_tool_calls"),
+        (body(tool_choice="required"), "tool_choice"),
+        (body(parallel_tool_calls="yes"), "parallel_tool_calls"),
         (body(user=5), "user"),
         (body(response_format="json"), "response_format"),
         (body(response_format={"type": "yaml"}), "response_format"),
@@ -915,7 +931,7 @@ def test_parser_defaults() -> None:
     assert DEFAULT_TEMPERATURE == 1.0
     assert (chat.stream, chat.include_usage, chat.ignore_eos) == (False, False, False)
     assert (chat.top_k, chat.repetition_penalty, chat.presence_penalty, chat.frequency_penalty) == (0, 1.0, 0.0, 0.0)
-    assert chat.json_schema is None
+    assert chat.grammar is None
 
 
 def test_parser_takes_the_model_s_sampling_defaults_where_a_request_says_nothing() -> None:
@@ -976,7 +992,7 @@ def test_parser_reads_every_field() -> None:
         repetition_penalty=1.2,
         presence_penalty=-0.5,
         frequency_penalty=0.5,
-        json_schema=JSON_OBJECT_SCHEMA,
+        grammar=json_schema_grammar(JSON_OBJECT_SCHEMA),
     )
     assert chat.user == "someone"
     assert parse_chat_request(body(stop="END"), max_tokens_limit=100).stop == ("END",)
@@ -1002,7 +1018,7 @@ FIELD_EXAMPLES: dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]] =
     "model": ({"model": "anything"}, {"model": 5}),
     "moderation": (None, {"moderation": True}),
     "n": ({"n": 1}, {"n": 2}),
-    "parallel_tool_calls": (None, {"parallel_tool_calls": True}),
+    "parallel_tool_calls": ({"parallel_tool_calls": False}, {"parallel_tool_calls": "no"}),
     "prediction": (None, {"prediction": {"type": "content", "content": "x"}}),
     "presence_penalty": ({"presence_penalty": -0.5}, {"presence_penalty": 2.5}),
     "prompt_cache_key": ({"prompt_cache_key": "k"}, {"prompt_cache_key": 5}),
@@ -1018,8 +1034,8 @@ FIELD_EXAMPLES: dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]] =
     "stream": ({"stream": True}, {"stream": "yes"}),
     "stream_options": ({"stream": True, "stream_options": {"include_usage": True}}, {"stream_options": "x"}),
     "temperature": ({"temperature": 0.5}, {"temperature": 3}),
-    "tool_choice": ({"tool_choice": "none"}, {"tool_choice": "auto"}),
-    "tools": (None, {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+    "tool_choice": ({"tool_choice": "none"}, {"tool_choice": "required"}),  # required: needs tools
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, {"tools": "f"}),
     "top_logprobs": (None, {"top_logprobs": 3}),
     "top_p": ({"top_p": 0.5}, {"top_p": 0}),
     "user": ({"user": "u"}, {"user": 5}),
@@ -1230,6 +1246,105 @@ def test_the_model_s_generation_config_is_the_default_of_a_request(serve_model: 
     assert asked.choices[0].message.content == plain.text != defaulted.text
 
 
+# --- tools --------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now",
+    # A bounded city: the tiny model's random text would fill any budget inside a free string.
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Za-z ]{1,12}$"},
+                                                    "unit": {"enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}  # fmt: skip
+CLOCK = {"type": "function", "function": {"name": "time_now", "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_calls_are_found_in_the_text_as_qwen_writes_them() -> None:
+    text = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Busan", "unit": "c"}}\n'
+            '</tool_call>\n<tool_call>\n{"name": "time_now", "arguments": {}}\n</tool_call>')  # fmt: skip
+    content, calls = split_tool_calls(text)
+    assert content == "Let me look."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Busan", "unit": "c"}),
+        ("time_now", {}),
+    ]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert split_tool_calls("<tool_call>\nnot json\n</tool_call>") == ("<tool_call>\nnot json\n</tool_call>", [])
+    # A stream holds back what may open a call, then sends the calls whole before the finish chunk.
+    answer = ChatAnswer("m", tools_offered=True)
+    pieces = [chunk for piece in ("Let me", " look.\n<tool", text[len("Let me look.\n<tool"):])
+              for chunk in answer.feed(piece)]  # fmt: skip
+    assert "".join(chunk["choices"][0]["delta"]["content"] for chunk in pieces) == "Let me look.\n"
+    last = answer.finish("stop", {})
+    assert [c["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] for c in last[:-1]] == ["get_weather",
+                                                                                               "time_now"]  # fmt: skip
+    assert last[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_the_prompt_with_tools_is_the_one_transformers_renders(serve_model: Path, local_engines: dict) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(next(serve_model.parent.parent.glob("serve-checkpoint*")))
+    conversation = [
+        {"role": "user", "content": "Weather in Busan?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": {"city": "Busan", "unit": "c"}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "21 C & sunny <b>"},
+    ]  # fmt: skip
+    expected = tokenizer.apply_chat_template(conversation, tools=[WEATHER, CLOCK], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+    for engine in local_engines.values():
+        assert engine.render_chat(conversation, [WEATHER, CLOCK]) == expected
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_required_call_follows_the_function_s_parameters(server: Server, stream: bool) -> None:
+    client = server.client()
+    kwargs = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Weather in Busan?"}], "max_tokens": 160,
+              "tools": [WEATHER, CLOCK], "tool_choice": "required", "parallel_tool_calls": False}  # fmt: skip
+    if stream:
+        calls: dict[int, dict[str, str]] = {}
+        finish = None
+        for chunk in client.chat.completions.create(**kwargs, stream=True):
+            for delta in chunk.choices[0].delta.tool_calls or []:
+                call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+                call["name"] += delta.function.name or ""
+                call["arguments"] += delta.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        found = list(calls.values())
+    else:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        finish = choice.finish_reason
+        found = [{"name": c.function.name, "arguments": c.function.arguments} for c in choice.message.tool_calls]
+    assert finish == "tool_calls" and len(found) == 1, found
+    arguments = json.loads(found[0]["arguments"])
+    parameters = {"get_weather": WEATHER, "time_now": CLOCK}[found[0]["name"]]["function"]["parameters"]
+    jsonschema.validate(arguments, parameters)
+
+
+def test_a_named_function_is_the_one_called_and_the_round_trip_ends_in_an_answer(server: Server) -> None:
+    client = server.client()
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "Weather in Busan?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    first = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=160, tools=[WEATHER, CLOCK],
+                                           tool_choice=named)  # fmt: skip
+    message = first.choices[0].message
+    assert first.choices[0].finish_reason == "tool_calls" and message.content is None
+    (call,) = message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    messages += [message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "21 C"}]
+    final = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, tools=[WEATHER, CLOCK],
+                                           tool_choice="none", temperature=0)  # fmt: skip
+    assert final.choices[0].finish_reason in ("stop", "length") and final.choices[0].message.tool_calls is None
+    assert isinstance(final.choices[0].message.content, str)
+
+
+def test_tools_need_a_template_that_shows_them() -> None:
+    """Plain ChatML (the session's tiny model) shows no tools: the server refuses them with a 400
+    (param tools, code unsupported_by_model) rather than answer as if they had not been sent."""
+    assert template_knows_tools(TOOLS_TEMPLATE) and not template_knows_tools(CHATML_TEMPLATE)
+
+
 # --- operations: metrics, CORS, keep-alive, loading ---------------------------------------
 
 
@@ -1364,6 +1479,30 @@ def test_demo_model_answers_two_clients_at_once(runtime: str, demo_model: Path, 
         health = server.health()
         assert (health["completed"], health["failed"]) == (2, 0), health
         assert health["peak_active"] == (2 if runtime == "openvino" else 1), health
+        assert_stopped_cleanly(server)
+
+
+@pytest.mark.real_weights
+@pytest.mark.parametrize("runtime", ENGINES)
+def test_demo_model_calls_a_tool_and_answers_with_its_result(runtime: str, demo_model: Path, tmp_path: Path) -> None:
+    """The agent round trip on real weights, tool_choice auto: the model decides to call, the
+    call comes back as tool_calls, and the tool's answer makes the final answer."""
+    with running(runtime, demo_model, tmp_path / "server.log") as server:
+        client = server.client()
+        messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Busan right now?"}]
+        kwargs = {"model": server.model_id, "tools": [WEATHER], "temperature": 0, "max_tokens": 120}
+        first = client.chat.completions.create(messages=messages, **kwargs).choices[0]
+        print(f"\n--- {runtime}: {first.message}")
+        assert first.finish_reason == "tool_calls", first.message.content
+        (call,) = first.message.tool_calls
+        assert call.function.name == "get_weather" and "Busan" in json.loads(call.function.arguments)["city"]
+        result = {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "sunny"}'}
+        messages += [first.message.model_dump(exclude_none=True), result]
+        # The 0.5B model calls again when the tools stay on offer; "none" takes them off the prompt.
+        final = client.chat.completions.create(messages=messages, tool_choice="none", **kwargs).choices[0]
+        print(f"--- {runtime}: {final.message.content}")
+        assert final.finish_reason == "stop" and final.message.tool_calls is None
+        assert "21" in final.message.content
         assert_stopped_cleanly(server)
 
 

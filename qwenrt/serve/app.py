@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from qwenrt.manifest import generation_defaults
 from qwenrt.runtimes.base import Engine, StreamEnd, TokenEvent
+from qwenrt.runtimes.chat_template import template_knows_tools
 from qwenrt.serve import protocol
 from qwenrt.serve.metrics import ServerMetrics
 from qwenrt.serve.protocol import RequestError
@@ -156,8 +157,12 @@ def create_app(
         service = ready()
         body = await _read_json(request, limits.max_body_bytes, limits.request_timeout_s)
         chat = protocol.parse_chat_request(body, limits.max_tokens, defaults)
-        prompt_ids = await service.prompt_ids(chat.messages)
-        return await answer(request, service, prompt_ids, chat, protocol.ChatAnswer(model_id))
+        if chat.tools and not template_knows_tools(service.engine.chat_template):
+            raise RequestError("this model's chat template does not show tools to the model", param="tools",
+                               code="unsupported_by_model")  # fmt: skip
+        prompt_ids = await service.prompt_ids(chat.messages, chat.tools)
+        shape = protocol.ChatAnswer(model_id, tools_offered=bool(chat.tools))
+        return await answer(request, service, prompt_ids, chat, shape)
 
     async def completions(request: Request) -> Response:
         """A raw prompt, as the model reads it: its control tokens' spellings are control tokens
@@ -251,7 +256,7 @@ def create_app(
 
 
 # GenerationConfig's settings by the request field that sets them.
-_REQUEST_FIELD = {"json_schema": "response_format", "penalties": "repetition_penalty"}
+_REQUEST_FIELD = {"grammar": "response_format", "penalties": "repetition_penalty"}
 
 
 def _answering(
@@ -415,8 +420,8 @@ async def _sse(
                     yield SSE_KEEP_ALIVE
                     continue
                 if isinstance(event, TokenEvent):
-                    if event.text:
-                        yield _event(shape.piece(event.text))
+                    for piece in shape.feed(event.text):
+                        yield _event(piece)
                 elif isinstance(event, StreamEnd):
                     end = event
     except Exception as exc:  # the engine failed mid-answer: tell this client, keep serving the others
@@ -428,7 +433,8 @@ async def _sse(
         raise
     assert end is not None
     queued = end.started - arrived
-    yield _event(shape.closing(protocol.FINISH_REASONS[end.reason], {"timings": protocol.timings(end, queued)}))
+    for last in shape.finish(protocol.FINISH_REASONS[end.reason], {"timings": protocol.timings(end, queued)}):
+        yield _event(last)
     if include_usage:
         yield _event(shape.usage_chunk(end))
     yield "data: [DONE]\n\n"

@@ -22,13 +22,17 @@ from qwenrt.runtimes.base import (
     StreamEnd,
 )
 from qwenrt.runtimes.chat_template import Message
+from qwenrt.runtimes.grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, json_schema_grammar, tool_call_grammar
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 4  # OpenAI's limit, kept so that clients meet the same rules everywhere
 MAX_TEMPERATURE = 2.0
 # OpenAI's default: a client that leaves temperature out samples, as it would there.
 DEFAULT_TEMPERATURE = 1.0
 _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOOL_CHOICES = ("none", "auto", "required")
+# A call as Qwen2.5 writes it (qwenrt.runtimes.grammar): the JSON between the tags.
+_TOOL_CALL = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
 
 
 class RequestError(Exception):
@@ -107,9 +111,9 @@ CHAT_FIELDS: dict[str, str] = {
     "service_tier": HONOURED,  # "auto" or "default": the one tier there is
     "modalities": HONOURED,  # ["text"] only
     "prompt_cache_retention": HONOURED,  # "in_memory" only: the prefix cache lives in the engine's memory
-    "tool_choice": HONOURED,  # "none" only, while tools are refused
-    "tools": REFUSED,
-    "parallel_tool_calls": REFUSED,  # it applies to tools
+    "tools": HONOURED,  # functions, shown to the model by its chat template
+    "tool_choice": HONOURED,  # none, auto, required, or a named function
+    "parallel_tool_calls": HONOURED,  # with required or a named function: one call, or several
     "functions": REFUSED,
     "function_call": REFUSED,
     "top_logprobs": REFUSED,
@@ -129,8 +133,8 @@ COMPLETION_FIELDS: dict[str, str] = {
     "suffix": REFUSED,  # text after the insertion: the model's chat template has no such turn
 }
 # The "off" value of each refused field, accepted as if left out.
-_REFUSED_UNLESS = {"logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],),
-                   "functions": ([],), "suffix": ("",)}  # fmt: skip
+_REFUSED_UNLESS = {"logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "functions": ([],),
+                   "suffix": ("",)}  # fmt: skip
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 # json_object: any JSON object, as OpenAI's JSON mode gives.
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
@@ -179,7 +183,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    json_schema: str | None = None  # the answer's JSON schema, as JSON text
+    grammar: str | None = None  # the answer's grammar (a JSON schema's, or the tools')
     user: str | None = None
 
     def generation(self, max_tokens: int) -> GenerationConfig:
@@ -194,13 +198,15 @@ class Sampling:
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            json_schema=self.json_schema,
+            grammar=self.grammar,
         )
 
 
 @dataclass(frozen=True)
 class ChatRequest(Sampling):
     messages: list[Message] = field(default_factory=list)
+    # The functions shown to the model (OpenAI's tool objects; None: none, or tool_choice none).
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,76 @@ def parse_chat_request(
     sampling = _sampling(body, max_tokens_limit, defaults, tokens_field)
     if sampling.user is None and body.get("safety_identifier") is not None:
         sampling = replace(sampling, user=body["safety_identifier"])
-    return ChatRequest(**asdict(sampling), messages=messages)
+    tools, calls_grammar = _tools(body)
+    if calls_grammar is not None:
+        if sampling.grammar is not None:
+            raise RequestError("tool_choice required or a named function leaves no room for response_format",
+                               param="tool_choice")  # fmt: skip
+        sampling = replace(sampling, grammar=calls_grammar)
+    return ChatRequest(**asdict(sampling), messages=messages, tools=tools)
+
+
+def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """The tools shown to the model, and the grammar of an answer that must call them (None: free)."""
+    tools = body.get("tools")
+    choice = _given(body, "tool_choice", "auto" if tools else "none")
+    parallel = _flag(body, "parallel_tool_calls", default=True)
+    if tools is None or tools == []:
+        if choice not in ("none", "auto"):
+            raise RequestError("tool_choice needs tools to choose from", param="tool_choice")
+        return None, None
+    if not isinstance(tools, list):
+        raise RequestError("tools must be a list of function tools", param="tools")
+    functions: dict[str, dict[str, Any]] = {}
+    for index, tool in enumerate(tools):
+        where = f"tools[{index}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise RequestError(f"{where} must be a function tool: {{\"type\": \"function\", \"function\": {{...}}}}",
+                               param=where)  # fmt: skip
+        function = tool["function"]
+        name = function.get("name")
+        if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+            raise RequestError(f"{where}.function.name must be 1-64 letters, digits, '_' or '-'",
+                               param=f"{where}.function.name")  # fmt: skip
+        if name in functions:
+            raise RequestError(f"{where}: a second function named {name}", param=f"{where}.function.name")
+        if function.get("description") is not None and not isinstance(function["description"], str):
+            raise RequestError(f"{where}.function.description must be a string", param=f"{where}.function.description")
+        parameters = function.get("parameters")
+        if parameters is not None:
+            _check_schema(parameters, f"{where}.function.parameters")
+        functions[name] = function
+    if isinstance(choice, dict):
+        named = choice.get("function", {}).get("name") if choice.get("type") == "function" else None
+        if not isinstance(choice.get("function"), dict) or named not in functions:
+            raise RequestError("tool_choice names no function of tools", param="tool_choice")
+        return tools, tool_call_grammar([functions[named]], parallel=False)
+    if choice not in TOOL_CHOICES:
+        raise RequestError(f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function",
+                           param="tool_choice")  # fmt: skip
+    if choice == "none":
+        return None, None
+    if choice == "required":
+        return tools, _calls_grammar(list(functions.values()), parallel)
+    return tools, None
+
+
+def _calls_grammar(functions: list[dict[str, Any]], parallel: bool) -> str:
+    try:
+        return tool_call_grammar(functions, parallel)
+    except Exception as exc:  # the converter raises plain exceptions of any kind
+        raise RequestError(f"the tools' parameters cannot be made into a grammar: {exc}", param="tools") from None
+
+
+def _check_schema(schema: Any, where: str) -> None:
+    import jsonschema
+
+    if not isinstance(schema, dict):
+        raise RequestError(f"{where} must be a JSON schema object", param=where)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise RequestError(f"{where} is not a valid JSON schema: {exc.message}", param=where) from None
 
 
 def parse_completion_request(
@@ -327,7 +402,7 @@ def _sampling(body: dict[str, Any], max_tokens_limit: int, defaults: SamplingDef
         include_usage=bool(options.get("include_usage", False)),
         ignore_eos=_flag(body, "ignore_eos"),
         top_k=top_k,
-        json_schema=_response_format(body.get("response_format")),
+        grammar=_response_format(body.get("response_format")),
         user=body.get("user"),
         **penalties,
     )
@@ -366,9 +441,13 @@ def _known_fields(body: dict[str, Any], fields: dict[str, str]) -> None:
 def _only_the_one_thing_there_is(body: dict[str, Any]) -> None:
     """Fields whose only value here is the one thing the server does (one tier, text only, no
     storing): that value is accepted, anything else refused by name."""
-    allowed: dict[str, tuple[Any, ...]] = {"store": (False,), "metadata": ({},), "service_tier": ("auto", "default"),
-                                           "modalities": (["text"],), "prompt_cache_retention": ("in_memory",),
-                                           "tool_choice": ("none",)}  # fmt: skip
+    allowed: dict[str, tuple[Any, ...]] = {
+        "store": (False,),
+        "metadata": ({},),
+        "service_tier": ("auto", "default"),
+        "modalities": (["text"],),
+        "prompt_cache_retention": ("in_memory",),
+    }
     for name, values in allowed.items():
         if body.get(name) is not None and body[name] not in values:
             shown = " or ".join(json.dumps(v) for v in values)
@@ -376,7 +455,7 @@ def _only_the_one_thing_there_is(body: dict[str, Any]) -> None:
 
 
 def _response_format(value: Any) -> str | None:
-    """The JSON schema the answer must follow, as JSON text (None: free text)."""
+    """The grammar of the JSON the answer must be (None: free text)."""
     if value is None:
         return None
     if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMATS:
@@ -386,7 +465,7 @@ def _response_format(value: Any) -> str | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return JSON_OBJECT_SCHEMA
+        return json_schema_grammar(JSON_OBJECT_SCHEMA)
     spec = value.get("json_schema")
     where = "response_format.json_schema"
     if not isinstance(spec, dict):
@@ -395,19 +474,14 @@ def _response_format(value: Any) -> str | None:
     if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
         raise RequestError(f"{where}.name must be 1-64 letters, digits, '_' or '-'", param=f"{where}.name")
     schema = spec.get("schema", {})  # OpenAI: no schema is any JSON object... of any shape
-    if not isinstance(schema, dict):
-        raise RequestError(f"{where}.schema must be a JSON schema object", param=f"{where}.schema")
+    _check_schema(schema, f"{where}.schema")
     if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
         raise RequestError(f"{where}.strict must be true or false", param=f"{where}.strict")
-    import jsonschema
-
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise RequestError(f"{where}.schema is not a valid JSON schema: {exc.message}",
-                           param=f"{where}.schema") from None  # fmt: skip
     # strict or not, the schema is enforced while decoding: a small model needs it to give valid JSON.
-    return json.dumps(schema, ensure_ascii=False, sort_keys=True)
+    try:
+        return json_schema_grammar(json.dumps(schema, ensure_ascii=False))  # the properties in their order
+    except Exception as exc:  # the converter raises plain exceptions of any kind
+        raise RequestError(f"{where}.schema cannot be made into a grammar: {exc}", param=f"{where}.schema") from None
 
 
 def _messages(value: Any, answerable: bool = True) -> list[Message]:
@@ -423,10 +497,44 @@ def _messages(value: Any, answerable: bool = True) -> list[Message]:
             role = "system"
         if role not in ROLES:
             raise RequestError(f"{where}.role must be one of {', '.join(ROLES)}, not {role!r}", param=f"{where}.role")
-        messages.append({"role": role, "content": _content(message.get("content"), f"{where}.content")})
+        calls = message.get("tool_calls") if role == "assistant" else None
+        # An assistant turn of calls only may have no content (OpenAI sends null).
+        content = "" if calls and message.get("content") is None else message.get("content")
+        parsed: Message = {"role": role, "content": _content(content, f"{where}.content")}
+        if calls:
+            parsed["tool_calls"] = _message_calls(calls, f"{where}.tool_calls")
+        if role == "tool":
+            if not isinstance(message.get("tool_call_id"), str):
+                raise RequestError(f"{where}.tool_call_id must name the call this answers",
+                                   param=f"{where}.tool_call_id")  # fmt: skip
+            parsed["tool_call_id"] = message["tool_call_id"]
+        messages.append(parsed)
     if answerable and messages[-1]["role"] == "assistant":
         raise RequestError("the last message must not be the assistant's: there is nothing to answer", param="messages")
     return messages
+
+
+def _message_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant's earlier calls, their arguments as objects: chat templates write them out
+    (as transformers hands them over), where OpenAI sends them as JSON text."""
+    if not isinstance(calls, list):
+        raise RequestError(f"{where} must be a list of calls", param=where)
+    parsed = []
+    for index, call in enumerate(calls):
+        at = f"{where}[{index}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError(f"{at} must be a function call with a name", param=at)
+        arguments = function.get("arguments", "{}")
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            raise RequestError(f"{at}.function.arguments is not JSON", param=f"{at}.function.arguments") from None
+        if not isinstance(arguments, dict):
+            raise RequestError(f"{at}.function.arguments must be a JSON object", param=f"{at}.function.arguments")
+        parsed.append({"id": call.get("id"), "type": "function",
+                       "function": {"name": function["name"], "arguments": arguments}})  # fmt: skip
+    return parsed
 
 
 def _content(value: Any, where: str) -> str:
@@ -468,8 +576,8 @@ def _stop(value: Any) -> tuple[str, ...]:
     return tuple(_text(s, "stop") for s in stops if s)
 
 
-def _flag(body: dict[str, Any], key: str) -> bool:
-    value = _given(body, key, False)
+def _flag(body: dict[str, Any], key: str, default: bool = False) -> bool:
+    value = _given(body, key, default)
     if not isinstance(value, bool):
         raise RequestError(f"{key} must be true or false", param=key)
     return value
@@ -517,15 +625,43 @@ def timings(end: StreamEnd, queued: float) -> dict[str, float | None]:
 
 
 class ChatAnswer:
-    """An answer in chat-completion form: a message, or a role chunk, deltas and a finish chunk."""
+    """An answer in chat-completion form: a message, or a role chunk, deltas and a finish chunk.
+
+    Where tools were offered, the model's calls (as Qwen2.5 writes them, between tool_call
+    tags) become OpenAI's ``tool_calls``: a stream holds back text that may be the start of
+    a call, and sends the calls, whole, before its finish chunk."""
 
     prefix, whole_object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, model: str, echo: str = "") -> None:
+    def __init__(self, model: str, echo: str = "", tools_offered: bool = False) -> None:
         self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
         self.model = model
         self.created = int(time.time())
         self.echo = echo  # text shown ahead of the answer's own (raw completions' echo)
+        self.tools_offered = tools_offered
+        self._text = ""  # with tools offered: the answer so far, and how much of it has gone out
+        self._sent = 0
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        """The chunks for the next piece of the answer's text."""
+        if not self.tools_offered:
+            return [self.piece(text)] if text else []
+        self._text += text
+        safe = _before_a_possible_call(self._text, self._sent)
+        out, self._sent = self._text[self._sent : safe], safe
+        return [self.piece(out)] if out else []
+
+    def finish(self, finish_reason: str, extra: dict[str, Any]) -> list[dict[str, Any]]:
+        """The last chunks: text held back, the calls, and the finish chunk."""
+        chunks = []
+        if self.tools_offered:
+            content, calls = split_tool_calls(self._text[self._sent :])
+            if content:
+                chunks.append(self.piece(content))
+            for index, call in enumerate(calls):
+                chunks.append(self._chunk({"delta": {"tool_calls": [{"index": index, **call}]}, "finish_reason": None}))
+            finish_reason = "tool_calls" if calls else finish_reason
+        return [*chunks, self.closing(finish_reason, extra)]
 
     def _chunk(self, choice: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
@@ -546,11 +682,16 @@ class ChatAnswer:
                 "choices": [], "usage": usage(end)}  # fmt: skip
 
     def _choice(self, text: str) -> dict[str, Any]:
+        if self.tools_offered and (split := split_tool_calls(text))[1]:
+            content, calls = split
+            return {"message": {"role": "assistant", "content": content or None, "tool_calls": calls}}
         return {"message": {"role": "assistant", "content": text}}
 
     def whole(self, text: str, end: StreamEnd, queued: float) -> dict[str, Any]:
         choice = {"index": 0, **self._choice(self.echo + text), "finish_reason": FINISH_REASONS[end.reason],
                   "logprobs": None}  # fmt: skip
+        if "tool_calls" in choice.get("message", {}):
+            choice["finish_reason"] = "tool_calls"
         return {"id": self.id, "object": self.whole_object, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": usage(end), "timings": timings(end, queued)}  # fmt: skip
 
@@ -571,6 +712,38 @@ class TextAnswer(ChatAnswer):
 
     def _choice(self, text: str) -> dict[str, Any]:
         return {"text": text}
+
+
+def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """The text outside the calls, and the calls in OpenAI's form (arguments as JSON text). A
+    block whose JSON is not a call with a name and object arguments stays text."""
+    calls, kept, position = [], [], 0
+    for match in _TOOL_CALL.finditer(text):
+        try:
+            call = json.loads(match.group(1))
+        except ValueError:
+            continue
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            continue
+        if not isinstance(arguments := call.get("arguments"), dict):
+            continue
+        kept.append(text[position : match.start()])
+        position = match.end()
+        function = {"name": call["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": function})
+    kept.append(text[position:])
+    return "".join(kept).strip() if calls else text, calls
+
+
+def _before_a_possible_call(text: str, sent: int) -> int:
+    """How far ``text`` may go out: up to a call's opening tag, or to an ending that may begin one."""
+    at = text.find(TOOL_CALL_OPEN, sent)
+    if at >= 0:
+        return at
+    for length in range(min(len(TOOL_CALL_OPEN) - 1, len(text) - sent), 0, -1):
+        if TOOL_CALL_OPEN.startswith(text[-length:]):
+            return len(text) - length
+    return len(text)
 
 
 def error_reference() -> str:

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qwenrt.runtimes.base import Engine, Event, GenerationConfig, StreamEnd
 from qwenrt.runtimes.chat_template import Message
@@ -54,9 +54,9 @@ class EngineService:
         self._running: set[asyncio.Future[None]] = set()
         self._cancels: set[threading.Event] = set()
 
-    async def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        """A conversation's prompt, as chat reads it (message text as text)."""
-        return await self._tokenizing(lambda: self.engine.chat_prompt_ids(messages))
+    async def prompt_ids(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """A conversation's prompt, as chat reads it (message text as text), with its tools."""
+        return await self._tokenizing(lambda: self.engine.chat_prompt_ids(messages, tools))
 
     async def tokenize(self, prompt: str) -> list[int]:
         """A raw prompt, as the model reads it: control tokens' spellings are control tokens."""

@@ -1,12 +1,20 @@
-"""`qwenrt serve` under load: aggregate tokens/s at 1, 2 and 4 concurrent clients.
+"""`qwenrt serve` under load: closed-loop clients, open-loop arrivals, and constrained decoding.
 
-For each engine a real server runs on the demo model (its own process, as deployed);
-N clients each send streaming requests back to back, every answer exactly
---max-tokens long (ignore_eos), and the run records the aggregate completion tokens
-per second of wall time, each request's first-token latency as its client saw it, and
-the server's peak memory. The load generator is deliberately thin (raw SSE lines over
-httpx, no JSON parsing but the last chunks) because it shares the machine's cores with
-the server.
+For each engine a real server runs on the demo model (its own process, as deployed).
+
+- Closed loop: N clients each send streaming requests back to back, every answer exactly
+  --max-tokens long (ignore_eos): aggregate completion tokens per second of wall time,
+  first-token and inter-token latency percentiles as the clients saw them.
+- Open loop: requests arrive at a fixed rate (Poisson, seeded), whether or not the
+  earlier ones have finished, as users arrive: the same percentiles, and goodput (answers
+  per second that met the SLO: first token within --slo-first-token, mean time between
+  tokens within --slo-inter-token).
+- Constrained decoding: the same request with and without a JSON schema, interleaved;
+  decode tokens/s from the server's own timings (issue 18's target: at most 10 % lower).
+
+Percentiles are compare's (qwenrt.compare.stats). The load generator is deliberately thin
+(raw SSE lines over httpx, no JSON parsing but the last chunks) because it shares the
+machine's cores with the server.
 
 A second, in-process measurement compares one stream on OpenVINO's LLMPipeline (what
 chat and compare use) with one stream through the continuous-batching pipeline that
@@ -19,8 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
-import math
+import random
 import re
 import signal
 import statistics
@@ -32,8 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from qwenrt.compare.runner import environment
+from qwenrt.compare.stats import percentile
+from qwenrt.host import this_host
 from qwenrt.paths import default_model_dir
 from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, open_engine
 from qwenrt.runtimes.threads import physical_cores
@@ -78,8 +90,9 @@ class Server:
         raise RuntimeError("the server did not start")
 
     def peak_rss(self) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
+        """The engine's peak: qwenrt serve runs it in a child of the process started here."""
+        pids = [self.process.pid, *(child.pid for child in psutil.Process(self.process.pid).children(recursive=True))]
+        return max(_peak_of(pid) for pid in pids)
 
     def health(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/health", timeout=10).json()
@@ -93,32 +106,55 @@ class Server:
             return -9
 
 
-async def one_request(client: httpx.AsyncClient, url: str, question: str, max_tokens: int) -> dict[str, float]:
+def _peak_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, question: str, max_tokens: int,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     body = {"model": "bench", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+            "stream_options": {"include_usage": True}} | (extra or {})  # fmt: skip
     sent = time.perf_counter()
-    first: float | None = None
+    token_times: list[float] = []
     usage: dict[str, int] | None = None
+    timings: dict[str, Any] = {}
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: "):
                 continue
-            if first is None and '"content":"' in line and '"content":""' not in line:
-                first = time.perf_counter()
+            if '"content":"' in line and '"content":""' not in line:
+                token_times.append(time.perf_counter())
+            elif '"timings"' in line:
+                timings = json.loads(line[6:])["timings"]
             elif '"usage"' in line:
                 usage = json.loads(line[6:])["usage"]
     done = time.perf_counter()
-    if usage is None or first is None:
+    if usage is None or not token_times:
         raise RuntimeError("an answer ended without its usage chunk")
     tokens = usage["completion_tokens"]
+    first = token_times[0]
     return {"sent": sent, "first_token": first - sent, "done": done, "tokens": tokens,
-            "decode_tps": (tokens - 1) / (done - first) if tokens > 1 and done > first else 0.0}  # fmt: skip
+            "inter_token": [b - a for a, b in itertools.pairwise(token_times)],
+            "decode_tps": (tokens - 1) / (done - first) if tokens > 1 and done > first else 0.0,
+            "server_decode_tps": timings.get("decode_tokens_per_second")}  # fmt: skip
+
+
+def latency_summary(requests: list[dict[str, Any]]) -> dict[str, float]:
+    """First-token and inter-token percentiles (ms), compare's percentile code."""
+    first = [r["first_token"] for r in requests]
+    between = [gap for r in requests for gap in r["inter_token"]]
+    summary = {}
+    for name, values in (("first_token_ms", first), ("inter_token_ms", between)):
+        for label, share in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+            summary[f"{name}_{label}"] = round(percentile(values, share) * 1000, 1)
+    return summary
 
 
 async def load(url: str, clients: int, requests_per_client: int, max_tokens: int) -> dict[str, Any]:
-    async def client_loop(index: int, client: httpx.AsyncClient) -> list[dict[str, float]]:
+    async def client_loop(index: int, client: httpx.AsyncClient) -> list[dict[str, Any]]:
         results = []
         for round_ in range(requests_per_client):
             question = QUESTIONS[(index + round_ * clients) % len(QUESTIONS)]
@@ -133,17 +169,74 @@ async def load(url: str, clients: int, requests_per_client: int, max_tokens: int
         finished = time.perf_counter()
     requests = [r for results in per_client for r in results]
     tokens = sum(r["tokens"] for r in requests)
-    ttfts = sorted(r["first_token"] for r in requests)
     return {
         "clients": clients,
         "requests": len(requests),
         "completion_tokens": tokens,
         "seconds": round(finished - started, 3),
         "aggregate_tokens_per_second": round(tokens / (finished - started), 2),
-        "first_token_ms_median": round(statistics.median(ttfts) * 1000, 1),
-        "first_token_ms_p90": round(ttfts[math.ceil(0.9 * len(ttfts)) - 1] * 1000, 1),  # nearest rank
+        **latency_summary(requests),
         "per_request_decode_tps_median": round(statistics.median(r["decode_tps"] for r in requests), 2),
     }
+
+
+async def open_loop(url: str, rate: float, requests: int, max_tokens: int, slo_first_s: float,
+                    slo_between_s: float, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Requests arriving as a Poisson process of ``rate`` per second, each sent at its time."""
+    gaps = random.Random(seed).expovariate
+    arrivals, at = [], 0.0
+    for _ in range(requests):
+        arrivals.append(at)
+        at += gaps(rate)
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=requests + 1)) as client:
+        await one_request(client, url, QUESTIONS[0], 8)  # warm-up
+        started = time.perf_counter()
+
+        async def arrive(index: int, offset: float) -> dict[str, Any]:
+            await asyncio.sleep(max(0.0, started + offset - time.perf_counter()))
+            return await one_request(client, url, QUESTIONS[index % len(QUESTIONS)], max_tokens)
+
+        results = await asyncio.gather(*(arrive(i, offset) for i, offset in enumerate(arrivals)))
+        finished = time.perf_counter()
+    good = [r for r in results if r["first_token"] <= slo_first_s
+            and statistics.fmean(r["inter_token"] or [0.0]) <= slo_between_s]  # fmt: skip
+    return {
+        "rate_per_second": rate,
+        "requests": requests,
+        "seconds": round(finished - started, 3),
+        "aggregate_tokens_per_second": round(sum(r["tokens"] for r in results) / (finished - started), 2),
+        **latency_summary(results),
+        "met_slo": len(good),
+        "goodput_per_second": round(len(good) / (finished - started), 3),
+    }
+
+
+# A request whose answer is long JSON either way: free, or held to the schema.
+LANGUAGES_PROMPT = ("List twenty programming languages as JSON: an object with a 'languages' array of objects, "
+                    "each with a 'name' and a one-sentence 'description'.")  # fmt: skip
+LANGUAGES_SCHEMA = {"type": "object", "properties": {"languages": {"type": "array", "items": {
+    "type": "object", "properties": {"name": {"type": "string"}, "description": {"type": "string"}},
+    "required": ["name", "description"]}}}, "required": ["languages"]}  # fmt: skip
+
+
+async def constrained_against_free(url: str, repeat: int, max_tokens: int) -> dict[str, Any]:
+    """Decode tokens/s of one stream, with and without the schema, interleaved (server timings)."""
+    constrained = {"response_format": {"type": "json_schema",
+                                       "json_schema": {"name": "languages", "schema": LANGUAGES_SCHEMA}},
+                   "ignore_eos": False}  # fmt: skip
+    rates: dict[str, list[float]] = {"free": [], "json_schema": []}
+    tokens: dict[str, list[int]] = {"free": [], "json_schema": []}
+    async with httpx.AsyncClient(timeout=600) as client:
+        await one_request(client, url, LANGUAGES_PROMPT, 8, constrained)  # warm-up, grammar compiled once
+        for _ in range(repeat):
+            for label, extra in (("free", {"ignore_eos": False}), ("json_schema", constrained)):
+                result = await one_request(client, url, LANGUAGES_PROMPT, max_tokens, extra)
+                rates[label].append(result["server_decode_tps"])
+                tokens[label].append(result["tokens"])
+    free, held = statistics.median(rates["free"]), statistics.median(rates["json_schema"])
+    return {"repeat": repeat, "max_tokens": max_tokens, "decode_tps": rates, "tokens": tokens,
+            "free_decode_tps_median": round(free, 2), "json_schema_decode_tps_median": round(held, 2),
+            "cost_share": round(1 - held / free, 4)}  # fmt: skip
 
 
 def single_stream_pipelines(model: Path, threads: int, tokens: int, repeat: int) -> dict[str, Any]:
@@ -174,32 +267,47 @@ def main() -> None:
     parser.add_argument("--clients", default="1,2,4")
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rates", default="0.25,0.5", help="open-loop arrival rates, requests per second")
+    parser.add_argument("--open-requests", type=int, default=16, help="requests per open-loop rate")
+    parser.add_argument("--slo-first-token", type=float, default=2.0, help="seconds")
+    parser.add_argument("--slo-inter-token", type=float, default=0.1, help="seconds, mean per answer")
+    parser.add_argument("--constrained-repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=HERE / "serve_load.json")
     args = parser.parse_args()
     model = args.model or default_model_dir()
     threads = args.threads or physical_cores()
     clients = [int(c) for c in args.clients.split(",")]
+    rates = [float(r) for r in args.rates.split(",")]
     results: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": str(model),
+        "host": this_host().describe(),
         "threads": threads,
         "max_tokens": args.max_tokens,
         "requests_per_client": args.requests_per_client,
+        "slo": {"first_token_s": args.slo_first_token, "inter_token_s": args.slo_inter_token},
         "environment": environment(model, ["gguf", "openvino"]),
         "servers": {},
     }
     for runtime in ("gguf", "openvino"):
         server = Server(runtime, model, threads, parallel=max(clients))
         try:
-            rows = []
+            rows, open_rows = [], []
             for count in clients:
                 log(f"{runtime}: {count} client(s)")
                 rows.append(asyncio.run(load(server.url, count, args.requests_per_client, args.max_tokens)))
+            for rate in rates:
+                log(f"{runtime}: open loop, {rate} requests/s")
+                open_rows.append(asyncio.run(open_loop(server.url, rate, args.open_requests, args.max_tokens,
+                                                       args.slo_first_token, args.slo_inter_token)))  # fmt: skip
+            log(f"{runtime}: constrained decoding")
+            constrained = asyncio.run(constrained_against_free(server.url, args.constrained_repeat, 128))
             health = server.health()
             peak = server.peak_rss()
         finally:
             exit_code = server.stop()
-        results["servers"][runtime] = {"rows": rows, "peak_rss_bytes": peak, "health": health, "exit_code": exit_code}
+        results["servers"][runtime] = {"rows": rows, "open_loop": open_rows, "constrained": constrained,
+                                       "peak_rss_bytes": peak, "health": health, "exit_code": exit_code}  # fmt: skip
     results["single_stream"] = single_stream_pipelines(model, threads, args.max_tokens, repeat=5)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     markdown = render(results)
@@ -208,24 +316,47 @@ def main() -> None:
 
 
 def render(results: dict[str, Any]) -> str:
+    slo = results["slo"]
     lines = [
         f"# `qwenrt serve` under load ({results['date'][:10]})",
         "",
-        f"Demo model, {results['threads']} threads, {results['max_tokens']} tokens per answer (ignore_eos), "
-        f"{results['requests_per_client']} streaming requests per client, greedy; server and clients share the "
-        "machine's cores.",
+        f"Host: {results['host']['cpu']}. Demo model, {results['threads']} threads, {results['max_tokens']} tokens "
+        "per answer (ignore_eos), greedy; server and clients share the machine's cores. Latencies as the clients "
+        "saw them (ms).",
         "",
-        "| engine | clients | requests | aggregate tok/s | first token median (ms) | first token p90 (ms) "
-        "| per-request decode tok/s |",
+        f"Closed loop ({results['requests_per_client']} streaming requests per client, back to back):",
+        "",
+        "| engine | clients | requests | aggregate tok/s | first token p50 / p90 / p99 "
+        "| between tokens p50 / p90 / p99 | per-request decode tok/s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for runtime, server in results["servers"].items():
         for row in server["rows"]:
             lines.append(
                 f"| {runtime} | {row['clients']} | {row['requests']} | {row['aggregate_tokens_per_second']:.1f} "
-                f"| {row['first_token_ms_median']:.0f} | {row['first_token_ms_p90']:.0f} "
+                f"| {_triple(row, 'first_token_ms')} | {_triple(row, 'inter_token_ms')} "
                 f"| {row['per_request_decode_tps_median']:.1f} |"
             )
+    lines += ["", f"Open loop (Poisson arrivals; SLO: first token within {slo['first_token_s']:g} s and "
+              f"{slo['inter_token_s'] * 1000:.0f} ms between tokens on average):", "",
+              "| engine | requests/s | requests | aggregate tok/s | first token p50 / p90 / p99 "
+              "| between tokens p50 / p90 / p99 | met the SLO | goodput (answers/s) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for runtime, server in results["servers"].items():
+        for row in server["open_loop"]:
+            lines.append(
+                f"| {runtime} | {row['rate_per_second']:g} | {row['requests']} "
+                f"| {row['aggregate_tokens_per_second']:.1f} "
+                f"| {_triple(row, 'first_token_ms')} | {_triple(row, 'inter_token_ms')} "
+                f"| {row['met_slo']} / {row['requests']} | {row['goodput_per_second']:.3f} |"
+            )
+    lines += ["", "Constrained decoding (one stream, the same request with and without a JSON schema, interleaved; "
+              "decode tok/s from the server's timings, medians):", "",
+              "| engine | free | JSON schema | cost |", "|---|---:|---:|---:|"]  # fmt: skip
+    for runtime, server in results["servers"].items():
+        row = server["constrained"]
+        lines.append(f"| {runtime} | {row['free_decode_tps_median']:.1f} | {row['json_schema_decode_tps_median']:.1f} "
+                     f"| {row['cost_share'] * 100:+.1f} % |")  # fmt: skip
     lines += ["", "| engine | server peak RSS (MB) | peak generations at once | exit code on SIGTERM |",
               "|---|---:|---:|---:|"]  # fmt: skip
     for runtime, server in results["servers"].items():
@@ -238,6 +369,10 @@ def render(results: dict[str, Any]) -> str:
     for label, row in results["single_stream"].items():
         lines.append(f"| {label} | {row['first_token_ms']:.1f} | {row['decode_tokens_per_second']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _triple(row: dict[str, Any], name: str) -> str:
+    return " / ".join(f"{row[f'{name}_{label}']:.0f}" for label in ("p50", "p90", "p99"))
 
 
 if __name__ == "__main__":

@@ -122,10 +122,32 @@ def test_json_object_answer_is_an_object(name: str, engines: dict) -> None:
         assert isinstance(json.loads(end.text), dict)
 
 
+@pytest.mark.parametrize("name", [name for name in ENGINES if engine_class(name).top_logprobs])
+def test_logprobs_are_the_engine_s_own_distribution(name: str, engines: dict, logit_engines: dict) -> None:
+    """Each token's log-probability and the most likely alternatives, against log-softmax of the same
+    engine's logits computed apart (window_logits), penalties or not: the model's own distribution."""
+    engine = engines[name]
+    prompt = engine.chat_prompt_ids(REPEATING)
+    config = GenerationConfig(max_tokens=6, ignore_eos=True, logprobs=5, repetition_penalty=1.5)
+    events = [e for e in engine.stream(prompt, config) if isinstance(e, TokenEvent) and e.token_id >= 0]
+    answer: list[int] = []
+    for event in events:
+        logits = logit_engines[name].window_logits(prompt + answer)[-1].astype(np.float64)
+        expected = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        assert event.logprobs.logprob == pytest.approx(expected[event.token_id], abs=2e-3)
+        best = np.argsort(-expected)[:5]
+        assert [t for t, _ in event.logprobs.top] == best.tolist()
+        assert [lp for _, lp in event.logprobs.top] == pytest.approx(expected[best].tolist(), abs=2e-3)
+        answer.append(event.token_id)
+    plain = engine.stream(prompt, GenerationConfig(max_tokens=6, ignore_eos=True))
+    assert all(e.logprobs is None for e in plain if isinstance(e, TokenEvent))
+
+
 def test_an_engine_without_a_control_refuses_it_before_any_work() -> None:
     transformers = engine_class("transformers")
     assert transformers.cannot_do(GenerationConfig(repetition_penalty=1.1))[0] == "penalties"
     assert transformers.cannot_do(GenerationConfig(grammar='root ::= "a"'))[0] == "grammar"
+    assert transformers.cannot_do(GenerationConfig(logprobs=0))[0] == "logprobs"
     assert transformers.cannot_do(GenerationConfig()) is None
 
 

@@ -35,7 +35,7 @@ from conftest import ENGINES, QWENRT
 from helpers import anonymous_huge_page_bytes, kernel_collapses
 from tiny_model import CHATML_TEMPLATE, TOOLS_TEMPLATE, build_tiny_qwen2
 
-from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, engine_class, open_engine
+from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, TokenEvent, engine_class, open_engine
 from qwenrt.runtimes.chat_template import template_knows_tools
 from qwenrt.runtimes.grammar import json_schema_grammar
 from qwenrt.serve.protocol import (
@@ -442,7 +442,7 @@ def test_raw_answers(server: Server) -> None:
         ({"max_tokens": 0}, "max_tokens", None),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", None),
         ({"frequency_penalty": 2.5}, "frequency_penalty", None),
-        ({"logprobs": True}, "logprobs", "unsupported_field"),
+        ({"top_logprobs": 3}, "top_logprobs", None),  # only with logprobs true
         ({"extra_body": {"max_token": 5}}, "max_token", "unknown_field"),  # a misspelt field is named, not ignored
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
          "response_format.json_schema.schema", None),
@@ -870,8 +870,9 @@ def body(**fields: Any) -> dict[str, Any]:
         ({"messages": [*HELLO, {"role": "assistant", "content": None, "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}, *HELLO]},
          "messages[1].tool_calls[0].function.arguments"),
-        (body(logprobs=True), "logprobs"),
+        (body(logprobs=1), "logprobs"),
         (body(top_logprobs=3), "top_logprobs"),
+        (body(logprobs=True, top_logprobs=-1), "top_logprobs"),
         (body(logit_bias={"5": 10}), "logit_bias"),
         (body(store=True), "store"),
         (body(metadata={"a": "b"}), "metadata"),
@@ -1009,7 +1010,7 @@ FIELD_EXAMPLES: dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]] =
     "function_call": (None, {"function_call": "auto"}),
     "functions": (None, {"functions": [{"name": "f", "parameters": {}}]}),
     "logit_bias": (None, {"logit_bias": {"42": 5}}),
-    "logprobs": (None, {"logprobs": True}),
+    "logprobs": ({"logprobs": True}, {"logprobs": "yes"}),
     "max_completion_tokens": ({"max_completion_tokens": 5}, {"max_completion_tokens": 0}),
     "max_tokens": ({"max_tokens": 5}, {"max_tokens": 0}),
     "messages": ({"messages": HELLO}, {"messages": []}),
@@ -1036,7 +1037,7 @@ FIELD_EXAMPLES: dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]] =
     "temperature": ({"temperature": 0.5}, {"temperature": 3}),
     "tool_choice": ({"tool_choice": "none"}, {"tool_choice": "required"}),  # required: needs tools
     "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, {"tools": "f"}),
-    "top_logprobs": (None, {"top_logprobs": 3}),
+    "top_logprobs": ({"logprobs": True, "top_logprobs": 20}, {"logprobs": True, "top_logprobs": 21}),
     "top_p": ({"top_p": 0.5}, {"top_p": 0}),
     "user": ({"user": "u"}, {"user": 5}),
     "verbosity": (None, {"verbosity": "low"}),
@@ -1246,6 +1247,34 @@ def test_the_model_s_generation_config_is_the_default_of_a_request(serve_model: 
     assert asked.choices[0].message.content == plain.text != defaulted.text
 
 
+# --- log-probabilities ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_logprobs_where_the_engine_gives_them_and_a_400_where_not(server: Server, stream: bool) -> None:
+    kwargs = {"model": MODEL_ID, "messages": HELLO, "max_tokens": 8, "temperature": 0, "logprobs": True,
+              "top_logprobs": 3, "extra_body": {"ignore_eos": True}}  # fmt: skip
+    client = server.client()
+    if engine_class(server.runtime).top_logprobs is None:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**kwargs)
+        assert (refused.value.param, refused.value.code) == ("logprobs", "unsupported_by_engine")
+        return
+    if stream:
+        chunks = list(client.chat.completions.create(**kwargs, stream=True))
+        entries = [entry for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                   for entry in chunk.choices[0].logprobs.content]  # fmt: skip
+    else:
+        entries = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    assert 0 < len(entries) <= 8
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        values = [alternative.logprob for alternative in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob  # greedy
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+
+
 # --- tools --------------------------------------------------------------------------------
 
 WEATHER = {"type": "function", "function": {
@@ -1271,7 +1300,7 @@ def test_calls_are_found_in_the_text_as_qwen_writes_them() -> None:
     # A stream holds back what may open a call, then sends the calls whole before the finish chunk.
     answer = ChatAnswer("m", tools_offered=True)
     pieces = [chunk for piece in ("Let me", " look.\n<tool", text[len("Let me look.\n<tool"):])
-              for chunk in answer.feed(piece)]  # fmt: skip
+              for chunk in answer.feed(TokenEvent(-1, piece, 0.0))]  # fmt: skip
     assert "".join(chunk["choices"][0]["delta"]["content"] for chunk in pieces) == "Let me look.\n"
     last = answer.finish("stop", {})
     assert [c["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] for c in last[:-1]] == ["get_weather",

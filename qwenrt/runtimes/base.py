@@ -34,6 +34,7 @@ DEFAULT_CONTEXT = 4096
 # OpenAI's range for presence and frequency penalties; a repetition penalty above 2 only breaks text.
 MAX_ADDITIVE_PENALTY = 2.0
 MAX_REPETITION_PENALTY = 2.0
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit of alternatives a token
 StopReason = Literal["eos", "length", "stop", "cancelled"]
 
 
@@ -89,6 +90,8 @@ class GenerationConfig:
     # A GBNF grammar the answer must follow, enforced while decoding (qwenrt.runtimes.grammar
     # makes them from JSON schemas and tools).
     grammar: str | None = None
+    # Each token's log-probability, and this many of the most likely tokens' (None: none).
+    logprobs: int | None = None
 
     @property
     def penalised(self) -> bool:
@@ -108,6 +111,8 @@ class GenerationConfig:
                 f"repetition penalty must be above 0 and at most {MAX_REPETITION_PENALTY:g}, "
                 f"not {self.repetition_penalty}"
             )
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise QwenrtError(f"log-probability alternatives must be 0 to {MAX_TOP_LOGPROBS}, not {self.logprobs}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_ADDITIVE_PENALTY <= getattr(self, name) <= MAX_ADDITIVE_PENALTY:
                 raise QwenrtError(
@@ -117,12 +122,23 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability under the model, and the most likely tokens' at that
+    step (most likely first): the model's own distribution, before penalties, temperature or a
+    grammar."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token: its id, the text it completes (maybe empty) and when it came."""
 
     token_id: int
     text: str
     time: float  # time.perf_counter() when the engine produced it
+    logprobs: TokenLogprobs | None = None  # when GenerationConfig.logprobs asked for them
 
 
 @dataclass(frozen=True)
@@ -176,9 +192,11 @@ class Engine(ABC):
     # Settings that avoid crashes seen on some CPUs, tried in order when the probe crashes.
     safe_fallbacks: ClassVar[tuple[SafeFallback, ...]] = ()
     # What a generation may ask beyond temperature, top-p, top-k, a seed and stop strings:
-    # penalties (GenerationConfig.penalised) and an answer held to a grammar while decoding.
+    # penalties (GenerationConfig.penalised), an answer held to a grammar while decoding, and
+    # log-probabilities with up to this many alternatives a token (None: none at all).
     applies_penalties: ClassVar[bool] = False
     follows_grammar: ClassVar[bool] = False
+    top_logprobs: ClassVar[int | None] = None
     concurrency: int = 1
 
     def __init__(
@@ -267,8 +285,9 @@ class Engine(ABC):
         """How many token ids the model has: ids run from 0 to this less one."""
 
     @abstractmethod
-    def _generate(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[tuple[int, float]]:
-        """Yield (token id, perf_counter time) for each generated token until the engine stops.
+    def _generate(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[tuple[Any, ...]]:
+        """Yield (token id, perf_counter time) for each generated token until the engine stops
+        (and its TokenLogprobs third, where the config asks for them).
 
         The engine stops by itself at max tokens and (unless ``ignore_eos``) after an EOS
         token; closing the generator must cancel the generation.
@@ -389,6 +408,10 @@ class Engine(ABC):
             return "penalties", f"the {cls.name} engine applies no repetition, presence or frequency penalties"
         if config.grammar is not None and not cls.follows_grammar:
             return "grammar", f"the {cls.name} engine cannot hold an answer to a grammar"
+        if config.logprobs is not None and (cls.top_logprobs is None or config.logprobs > cls.top_logprobs):
+            if cls.top_logprobs is None:
+                return "logprobs", f"the {cls.name} engine gives no log-probabilities"
+            return "top_logprobs", f"the {cls.name} engine gives at most {cls.top_logprobs} alternatives a token"
         return None
 
     def stream(
@@ -411,12 +434,13 @@ class Engine(ABC):
         started = time.perf_counter()
         tokens = self._generate(prompt_ids, config)
         try:
-            for token_id, produced in tokens:
+            # An engine yields (id, time), or (id, time, TokenLogprobs) when they were asked for.
+            for token_id, produced, *logprobs in tokens:
                 count += 1
                 first = first if first is not None else produced
                 is_eos = token_id in eos
                 piece = "" if is_eos else text.feed(self.token_bytes(token_id))
-                yield TokenEvent(token_id, piece, produced)
+                yield TokenEvent(token_id, piece, produced, logprobs[0] if logprobs else None)
                 if text.stopped:
                     reason = "stop"
                     break

@@ -30,7 +30,14 @@ from qwenrt.errors import ArtifactError
 from qwenrt.host import this_host
 from qwenrt.manifest import GGUF_KEY, trained_context_length
 from qwenrt.runtimes import mapped_pages
-from qwenrt.runtimes.base import DEFAULT_CONTEXT, Engine, EngineOptions, GenerationConfig
+from qwenrt.runtimes.base import (
+    DEFAULT_CONTEXT,
+    MAX_TOP_LOGPROBS,
+    Engine,
+    EngineOptions,
+    GenerationConfig,
+    TokenLogprobs,
+)
 from qwenrt.runtimes.probe import SafeFallback
 from qwenrt.runtimes.settings import Knob, ResolvedSettings, Rule
 
@@ -53,6 +60,7 @@ class LlamaCppEngine(Engine):
     packages = ("llama-cpp-python",)
     applies_penalties = True  # qwenrt's own (qwenrt.runtimes.penalties), on each step's logits
     follows_grammar = True  # checked last, as llama.cpp's own sampler does (_grammar_last_llama)
+    top_logprobs = MAX_TOP_LOGPROBS  # from each step's logits, before the other samplers
     knobs = (
         # Weight repacking for the CPU's own kernels; on x86 the one that takes Q8_0 is AMX.
         Knob(EXTRA_BUFFER_TYPES, "repack weights for this CPU's special kernels (AMX on Intel Xeon)",
@@ -189,6 +197,7 @@ class LlamaCppEngine(Engine):
         # seed, or an earlier request's seed would make every later answer repeat.
         llm.set_seed(config.seed if config.seed is not None else LLAMA_DEFAULT_SEED)
         failures: list[BaseException] = []
+        recorded: list[tuple[np.ndarray, tuple[tuple[int, float], ...]]] = []  # the last step's log-probabilities
         # Read when generate() makes its sampler, at the first token (see _grammar_last_llama).
         llm.grammar_last = config.grammar
         tokens = llm.generate(
@@ -199,14 +208,19 @@ class LlamaCppEngine(Engine):
             min_p=0.0,
             repeat_penalty=1.0,  # llama.cpp's own penalties mean something else: see _penalties
             reset=True,
-            logits_processor=self._logits_processors(config, prompt_ids, failures),
+            logits_processor=self._logits_processors(config, prompt_ids, failures, recorded),
         )
 
-        def step() -> tuple[int, float] | None:
+        def step() -> tuple[Any, ...] | None:
             token = next(tokens, None)
             if failures:  # a processor failed inside llama.cpp's sampler, which cannot pass it on
                 raise failures[0]
-            return None if token is None else (token, time.perf_counter())
+            if token is None:
+                return None
+            if config.logprobs is None:
+                return token, time.perf_counter()
+            logprobs, top = recorded[-1]  # the step that chose this token
+            return token, time.perf_counter(), TokenLogprobs(float(logprobs[token]), top)
 
         # One token per hand-over, each asked for by the reader: nothing is evaluated ahead
         # of what the reader takes, so stopping costs no extra token.
@@ -216,13 +230,22 @@ class LlamaCppEngine(Engine):
         finally:
             self.on_engine_thread(tokens.close)
 
-    def _logits_processors(self, config: GenerationConfig, prompt_ids: list[int], failures: list[BaseException]) -> Any:
-        """What qwenrt changes in each step's logits before llama.cpp's samplers (None: nothing).
-        They run inside a ctypes callback, where an exception would be printed and forgotten: each
-        one's failure goes into ``failures`` instead, for the generation to raise."""
+    def _logits_processors(
+        self,
+        config: GenerationConfig,
+        prompt_ids: list[int],
+        failures: list[BaseException],
+        recorded: list[tuple[np.ndarray, tuple[tuple[int, float], ...]]],
+    ) -> Any:
+        """What qwenrt reads from and changes in each step's logits before llama.cpp's samplers
+        (None: nothing). They run inside a ctypes callback, where an exception would be printed
+        and forgotten: each one's failure goes into ``failures`` instead, for the generation to
+        raise. With log-probabilities asked for, the model's own distribution is recorded first."""
         from llama_cpp import LogitsProcessorList
 
         processors = []
+        if config.logprobs is not None:
+            processors.append(_recorder(config.logprobs, recorded))
         if config.penalised:
             processors.append(_penalties(config, prompt_ids))
         if config.grammar is not None:
@@ -308,6 +331,24 @@ def _penalties(config: GenerationConfig, prompt_ids: list[int]) -> Callable[[np.
                                config.presence_penalty, config.frequency_penalty)  # fmt: skip
 
     return penalise
+
+
+def _recorder(alternatives: int, recorded: list[Any]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A processor that keeps the step's log-probabilities and its ``alternatives`` most likely tokens."""
+    import numpy as np
+
+    def record(input_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        highest = float(logits.max())
+        logprobs = logits - np.float32(highest + np.log(np.exp(logits - highest, dtype=np.float64).sum()))
+        top: tuple[tuple[int, float], ...] = ()
+        if alternatives:
+            best = np.argpartition(-logprobs, alternatives)[:alternatives]
+            best = best[np.argsort(-logprobs[best], kind="stable")]
+            top = tuple((int(i), float(logprobs[i])) for i in best)
+        recorded[:] = [(logprobs, top)]
+        return logits
+
+    return record
 
 
 @functools.cache

@@ -161,7 +161,8 @@ def create_app(
             raise RequestError("this model's chat template does not show tools to the model", param="tools",
                                code="unsupported_by_model")  # fmt: skip
         prompt_ids = await service.prompt_ids(chat.messages, chat.tools)
-        shape = protocol.ChatAnswer(model_id, tools_offered=bool(chat.tools))
+        spell = service.engine.token_bytes if chat.logprobs is not None else None
+        shape = protocol.ChatAnswer(model_id, tools_offered=bool(chat.tools), token_bytes=spell)
         return await answer(request, service, prompt_ids, chat, shape)
 
     async def completions(request: Request) -> Response:
@@ -354,6 +355,7 @@ async def _complete(
             async for event in events:
                 if isinstance(event, StreamEnd):
                     return event
+                shape.note(event)
         raise RuntimeError("the engine ended without a StreamEnd")
 
     answer = asyncio.ensure_future(collect())
@@ -420,7 +422,7 @@ async def _sse(
                     yield SSE_KEEP_ALIVE
                     continue
                 if isinstance(event, TokenEvent):
-                    for piece in shape.feed(event.text):
+                    for piece in shape.feed(event):
                         yield _event(piece)
                 elif isinstance(event, StreamEnd):
                     end = event

@@ -11,15 +11,18 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from qwenrt.runtimes.base import (
     MAX_ADDITIVE_PENALTY,
     MAX_REPETITION_PENALTY,
+    MAX_TOP_LOGPROBS,
     GenerationConfig,
     StopReason,
     StreamEnd,
+    TokenEvent,
 )
 from qwenrt.runtimes.chat_template import Message
 from qwenrt.runtimes.grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, json_schema_grammar, tool_call_grammar
@@ -116,7 +119,8 @@ CHAT_FIELDS: dict[str, str] = {
     "parallel_tool_calls": HONOURED,  # with required or a named function: one call, or several
     "functions": REFUSED,
     "function_call": REFUSED,
-    "top_logprobs": REFUSED,
+    "logprobs": HONOURED,  # each token's log-probability (the completions form is refused)
+    "top_logprobs": HONOURED,  # up to 20 alternatives a token, with logprobs true
     "audio": REFUSED,
     "prediction": REFUSED,
     "reasoning_effort": REFUSED,  # the model does not reason apart from its answer
@@ -185,6 +189,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     grammar: str | None = None  # the answer's grammar (a JSON schema's, or the tools')
     user: str | None = None
+    logprobs: int | None = None  # alternatives a token, with each token's log-probability (None: none)
 
     def generation(self, max_tokens: int) -> GenerationConfig:
         return GenerationConfig(
@@ -199,6 +204,7 @@ class Sampling:
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             grammar=self.grammar,
+            logprobs=self.logprobs,
         )
 
 
@@ -229,6 +235,7 @@ def parse_chat_request(
     sampling = _sampling(body, max_tokens_limit, defaults, tokens_field)
     if sampling.user is None and body.get("safety_identifier") is not None:
         sampling = replace(sampling, user=body["safety_identifier"])
+    sampling = replace(sampling, logprobs=_logprobs(body))
     tools, calls_grammar = _tools(body)
     if calls_grammar is not None:
         if sampling.grammar is not None:
@@ -236,6 +243,22 @@ def parse_chat_request(
                                param="tool_choice")  # fmt: skip
         sampling = replace(sampling, grammar=calls_grammar)
     return ChatRequest(**asdict(sampling), messages=messages, tools=tools)
+
+
+def _logprobs(body: dict[str, Any]) -> int | None:
+    """Chat's logprobs (true or false) and top_logprobs (0 to 20, with logprobs true)."""
+    wanted = _flag(body, "logprobs")
+    top = body.get("top_logprobs")
+    if top is None:
+        return 0 if wanted else None
+    top = _integer(top, "top_logprobs")
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"top_logprobs must be 0 to {MAX_TOP_LOGPROBS}, not {top}", param="top_logprobs")
+    if not wanted:
+        if top:
+            raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return top
 
 
 def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | None]:
@@ -629,11 +652,15 @@ class ChatAnswer:
 
     Where tools were offered, the model's calls (as Qwen2.5 writes them, between tool_call
     tags) become OpenAI's ``tool_calls``: a stream holds back text that may be the start of
-    a call, and sends the calls, whole, before its finish chunk."""
+    a call, and sends the calls, whole, before its finish chunk.
+
+    With ``token_bytes`` (the engine's), each token's log-probabilities go out in OpenAI's
+    form, in the chunk that carries the token's text (or the next one, for text held back)."""
 
     prefix, whole_object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, model: str, echo: str = "", tools_offered: bool = False) -> None:
+    def __init__(self, model: str, echo: str = "", tools_offered: bool = False,
+                 token_bytes: Callable[[int], bytes] | None = None) -> None:  # fmt: skip
         self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
         self.model = model
         self.created = int(time.time())
@@ -641,15 +668,19 @@ class ChatAnswer:
         self.tools_offered = tools_offered
         self._text = ""  # with tools offered: the answer so far, and how much of it has gone out
         self._sent = 0
+        self._token_bytes = token_bytes
+        self._logprobs: list[dict[str, Any]] = []  # every token's, for a whole answer
+        self._unsent_logprobs: list[dict[str, Any]] = []
 
-    def feed(self, text: str) -> list[dict[str, Any]]:
-        """The chunks for the next piece of the answer's text."""
+    def feed(self, event: TokenEvent) -> list[dict[str, Any]]:
+        """The chunks for the next token of the answer."""
+        self.note(event)
         if not self.tools_offered:
-            return [self.piece(text)] if text else []
-        self._text += text
+            return self._with_logprobs([self.piece(event.text)] if event.text else [])
+        self._text += event.text
         safe = _before_a_possible_call(self._text, self._sent)
         out, self._sent = self._text[self._sent : safe], safe
-        return [self.piece(out)] if out else []
+        return self._with_logprobs([self.piece(out)] if out else [])
 
     def finish(self, finish_reason: str, extra: dict[str, Any]) -> list[dict[str, Any]]:
         """The last chunks: text held back, the calls, and the finish chunk."""
@@ -661,7 +692,26 @@ class ChatAnswer:
             for index, call in enumerate(calls):
                 chunks.append(self._chunk({"delta": {"tool_calls": [{"index": index, **call}]}, "finish_reason": None}))
             finish_reason = "tool_calls" if calls else finish_reason
-        return [*chunks, self.closing(finish_reason, extra)]
+        return self._with_logprobs([*chunks, self.closing(finish_reason, extra)])
+
+    def note(self, event: TokenEvent) -> None:
+        """Keep a token's log-probabilities (a whole answer's need no chunks)."""
+        if event.logprobs is None or self._token_bytes is None or not (spelled := self._token_bytes(event.token_id)):
+            return  # none asked for; or a token without text (the end of the answer)
+        entry = {**self._entry(spelled, event.logprobs.logprob),
+                 "top_logprobs": [self._entry(self._token_bytes(t), lp) for t, lp in event.logprobs.top]}  # fmt: skip
+        self._logprobs.append(entry)
+        self._unsent_logprobs.append(entry)
+
+    @staticmethod
+    def _entry(spelled: bytes, logprob: float) -> dict[str, Any]:
+        return {"token": spelled.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(spelled)}
+
+    def _with_logprobs(self, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if chunks and self._unsent_logprobs:
+            chunks[0]["choices"][0]["logprobs"] = {"content": self._unsent_logprobs}
+            self._unsent_logprobs = []
+        return chunks
 
     def _chunk(self, choice: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
@@ -688,8 +738,9 @@ class ChatAnswer:
         return {"message": {"role": "assistant", "content": text}}
 
     def whole(self, text: str, end: StreamEnd, queued: float) -> dict[str, Any]:
+        logprobs = {"content": self._logprobs} if self._token_bytes is not None else None
         choice = {"index": 0, **self._choice(self.echo + text), "finish_reason": FINISH_REASONS[end.reason],
-                  "logprobs": None}  # fmt: skip
+                  "logprobs": logprobs}  # fmt: skip
         if "tool_calls" in choice.get("message", {}):
             choice["finish_reason"] = "tool_calls"
         return {"id": self.id, "object": self.whole_object, "created": self.created, "model": self.model,

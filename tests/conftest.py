@@ -81,6 +81,17 @@ def engines(tiny_model: Path):
         engine.close()
 
 
+@pytest.fixture(scope="module")
+def logit_engines(tiny_model: Path):
+    """Every engine opened for each position's logits (Engine.window_logits) on the tiny model."""
+    from qwenrt.runtimes import EngineOptions, open_engine
+
+    opened = {name: open_engine(name, tiny_model, EngineOptions(threads=1, all_logits=True)) for name in ENGINES}
+    yield opened
+    for engine in opened.values():
+        engine.close()
+
+
 @pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest, engines: dict):
     return engines[request.param]

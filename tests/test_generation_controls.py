@@ -8,7 +8,9 @@ weights are random, so only the grammar can make them valid.
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from conftest import ENGINES
 
 from qwenrt.errors import QwenrtError
 from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, TokenEvent, engine_class, open_engine
-from qwenrt.runtimes.grammar import json_schema_grammar
+from qwenrt.runtimes.grammar import after_literal, json_schema_grammar
 from qwenrt.runtimes.penalties import apply_penalties
 
 PENALISING = [name for name in ENGINES if engine_class(name).applies_penalties]
@@ -52,14 +54,6 @@ def test_penalties_as_defined_by_hand() -> None:
     # 0.2 - 0.4 = -0.2; 1.0 - 0.3 - 0.8 = -0.1; -1.0 + 0.3 + 0.4 = -0.3
     np.testing.assert_allclose(out, [2.0, -2.0, -0.1, -0.3, 0.2 - 0.4, 3.0], rtol=1e-6)
     assert apply_penalties(logits.copy(), prompt, [], presence=1.0, frequency=1.0).tolist() == logits.tolist()
-
-
-@pytest.fixture(scope="module")
-def logit_engines(tiny_model: Path):
-    opened = {name: open_engine(name, tiny_model, EngineOptions(threads=1, all_logits=True)) for name in PENALISING}
-    yield opened
-    for engine in opened.values():
-        engine.close()
 
 
 def greedy_ids(engine, messages: list[dict[str, str]], config: GenerationConfig) -> list[int]:
@@ -203,3 +197,32 @@ def test_demo_model_extracts_json_that_follows_the_schema(name: str, demo_model:
     jsonschema.validate(person, PERSON)
     assert person["name"] == "Lena Park" and person["age"] == 34 and person["remote"] is True
     assert {"Rust", "Go"} <= set(person["languages"])
+
+
+@pytest.mark.parametrize("name", SCHEMA_FOLLOWING)
+def test_a_lazy_grammar_holds_from_its_trigger_on(name: str, engines: dict) -> None:
+    """tool_choice auto's mechanism: the answer is free until it writes the trigger, and follows the
+    grammar from there. The trigger is a word of the engine's own free answer; after it, the grammar
+    allows only " done"."""
+    engine = engines[name]
+    free = [e for e in engine.stream_chat(REPEATING, GenerationConfig(max_tokens=16, ignore_eos=True))
+            if isinstance(e, TokenEvent) and e.token_id >= 0]  # fmt: skip
+    text = "".join(e.text for e in free)
+    offsets = list(itertools.accumulate(len(e.text) for e in free))
+    words = [(e.text, offset - len(e.text)) for e, offset in zip(free, offsets, strict=True)]
+    # A word of two letters or more, at index 1 or later, first met at that token (not inside an earlier one).
+    trigger, at = next((word, start) for word, start in words[1:]
+                       if re.fullmatch(r"[A-Za-z]{2,}", word.strip()) and text.find(word) == start)  # fmt: skip
+    grammar = f'root ::= "{trigger}" qwenrt-tail\nqwenrt-tail ::= " done"'
+    assert after_literal(grammar, trigger) == 'root ::= qwenrt-tail\nqwenrt-tail ::= " done"'
+    config = GenerationConfig(max_tokens=32, grammar=grammar, grammar_trigger=trigger)
+    held = list(engine.stream_chat(REPEATING, config))
+    assert held[-1].reason == "eos", held[-1]
+    assert held[-1].text == text[: at + len(trigger)] + " done"
+
+
+def test_a_trigger_needs_a_grammar_and_a_root_of_the_trigger_and_one_rule() -> None:
+    with pytest.raises(QwenrtError, match="trigger"):
+        GenerationConfig(grammar_trigger="<tool_call>")
+    with pytest.raises(ValueError, match="root"):
+        after_literal('root ::= "a" b c\nb ::= "x"\nc ::= "y"', "a")

@@ -675,14 +675,6 @@ def test_closing_an_engine_gives_back_what_it_set_for_the_process(name: str, tin
 # --- logits, for evaluation -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def logit_engines(tiny_model: Path):
-    opened = {name: open_engine(name, tiny_model, EngineOptions(threads=1, all_logits=True)) for name in ENGINES}
-    yield opened
-    for engine in opened.values():
-        engine.close()
-
-
 @pytest.mark.parametrize("name", ENGINES)
 def test_every_engine_yields_each_position_s_logits(name: str, logit_engines: dict, engines: dict) -> None:
     """window_logits: one row per position, the engine's own arithmetic: its last row's best token is

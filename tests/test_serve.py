@@ -1537,6 +1537,28 @@ def test_demo_model_calls_a_tool_and_answers_with_its_result(runtime: str, demo_
 
 @pytest.mark.real_weights
 @pytest.mark.parametrize("runtime", ENGINES)
+def test_demo_model_s_own_call_follows_the_parameters_under_auto(runtime: str, demo_model: Path,
+                                                                  tmp_path: Path) -> None:  # fmt: skip
+    """tool_choice auto holds a call the model decides on to the function's parameters: here an
+    airport code of three capitals, where the model left alone writes the city's name."""
+    airport = {"type": "function", "function": {
+        "name": "flight_status", "description": "The status of the next flight to an airport",
+        "parameters": {"type": "object", "properties": {"airport": {"type": "string", "pattern": "^[A-Z]{3}$"}},
+                       "required": ["airport"], "additionalProperties": False}}}  # fmt: skip
+    messages = [{"role": "user", "content": "Is the next flight to Busan on time?"}]
+    with running(runtime, demo_model, tmp_path / "server.log") as server:
+        client = server.client()
+        choice = client.chat.completions.create(model=server.model_id, messages=messages, tools=[airport],
+                                                temperature=0, max_tokens=80).choices[0]  # fmt: skip
+        print(f"\n--- {runtime}: {choice.message}")
+        assert choice.finish_reason == "tool_calls", choice.message.content
+        (call,) = choice.message.tool_calls
+        assert re.fullmatch(r"[A-Z]{3}", json.loads(call.function.arguments)["airport"])
+        assert_stopped_cleanly(server)
+
+
+@pytest.mark.real_weights
+@pytest.mark.parametrize("runtime", ENGINES)
 def test_health_says_503_until_the_model_is_warm(runtime: str, demo_model: Path, tmp_path: Path) -> None:
     """The server answers as soon as it listens: /health and the API say 503 while the real model
     loads (seconds), as load balancers and orchestrators expect, then 200."""

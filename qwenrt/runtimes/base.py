@@ -90,6 +90,9 @@ class GenerationConfig:
     # A GBNF grammar the answer must follow, enforced while decoding (qwenrt.runtimes.grammar
     # makes them from JSON schemas and tools).
     grammar: str | None = None
+    # A lazy grammar: the answer is free until it writes this text, and follows ``grammar`` from
+    # there (whose root must be this text and one rule, as tool_call_grammar writes them).
+    grammar_trigger: str | None = None
     # Each token's log-probability, and this many of the most likely tokens' (None: none).
     logprobs: int | None = None
 
@@ -111,6 +114,8 @@ class GenerationConfig:
                 f"repetition penalty must be above 0 and at most {MAX_REPETITION_PENALTY:g}, "
                 f"not {self.repetition_penalty}"
             )
+        if self.grammar_trigger is not None and self.grammar is None:
+            raise QwenrtError("a grammar trigger needs a grammar")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise QwenrtError(f"log-probability alternatives must be 0 to {MAX_TOP_LOGPROBS}, not {self.logprobs}")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -46,7 +46,8 @@ def tool_call_grammar(functions: Sequence[dict[str, Any]], parallel: bool) -> st
     """An answer of tool calls only, as Qwen2.5 writes them: ``<tool_call>``, a line of
     ``{"name": NAME, "arguments": ARGUMENTS}``, ``</tool_call>``, with ARGUMENTS held to that
     function's parameters (OpenAI's function objects: name, parameters). More than one call,
-    a line apart, when ``parallel``."""
+    a line apart, when ``parallel``. Its root is the opening tag and one rule, so that it
+    also serves from that tag on (``after_literal``), as a lazy grammar."""
     calls = {"anyOf": [{"type": "object",
                         "properties": {"name": {"const": function["name"]},
                                        "arguments": function.get("parameters") or {"type": "object"}},
@@ -55,6 +56,22 @@ def tool_call_grammar(functions: Sequence[dict[str, Any]], parallel: bool) -> st
     # The schema's root becomes one rule of the whole; the converter names no other rule "root".
     call_json = re.sub(r"^root ::=", "qwenrt-call ::=", json_schema_grammar(json.dumps(calls)), count=1,
                        flags=re.MULTILINE)  # fmt: skip
-    call = f'"{TOOL_CALL_OPEN}\\n" qwenrt-call "\\n{TOOL_CALL_CLOSE}"'
-    root = f"root ::= {call}" + (f' ("\\n" {call})*' if parallel else "")
-    return f"{root}\n{call_json}"
+    rest = f'"\\n" qwenrt-call "\\n{TOOL_CALL_CLOSE}"'
+    if parallel:
+        rest += f' ("\\n{TOOL_CALL_OPEN}\\n" qwenrt-call "\\n{TOOL_CALL_CLOSE}")*'
+    return f"root ::= {_literal(TOOL_CALL_OPEN)} qwenrt-calls\nqwenrt-calls ::= {rest}\n{call_json}"
+
+
+def after_literal(grammar: str, literal: str) -> str:
+    """The grammar of what follows ``literal``, for a grammar whose root is that literal and one
+    rule (tool_call_grammar's): engines that begin a grammar after its trigger (GenAI's triggered
+    tags) take this one."""
+    root, _, rules = grammar.partition("\n")
+    head = f"root ::= {_literal(literal)} "
+    if not root.startswith(head) or not re.fullmatch(r"[A-Za-z0-9-]+", root[len(head) :]):
+        raise ValueError(f"the grammar's root is not {_literal(literal)} and one rule")
+    return f"root ::= {root[len(head) :]}\n{rules}"
+
+
+def _literal(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

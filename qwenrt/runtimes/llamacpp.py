@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -199,7 +200,7 @@ class LlamaCppEngine(Engine):
         failures: list[BaseException] = []
         recorded: list[tuple[np.ndarray, tuple[tuple[int, float], ...]]] = []  # the last step's log-probabilities
         # Read when generate() makes its sampler, at the first token (see _grammar_last_llama).
-        llm.grammar_last = config.grammar
+        llm.grammar_last = (config.grammar, config.grammar_trigger) if config.grammar is not None else None
         tokens = llm.generate(
             prompt_ids,
             temp=config.temperature,
@@ -362,11 +363,11 @@ def _grammar_last_llama() -> type:
     from llama_cpp import Llama
 
     class GrammarLastLlama(Llama):
-        grammar_last: str | None = None  # the grammar of the next generation (None: free)
+        grammar_last: tuple[str, str | None] | None = None  # the next generation's grammar and trigger (None: free)
 
         def _init_sampler(self, *args: Any, **kwargs: Any) -> Any:
             chain = super()._init_sampler(*args, **kwargs)
-            return chain if self.grammar_last is None else _GrammarLastSampler(self, chain, self.grammar_last)
+            return chain if self.grammar_last is None else _GrammarLastSampler(self, chain, *self.grammar_last)
 
     return GrammarLastLlama
 
@@ -374,13 +375,22 @@ def _grammar_last_llama() -> type:
 class _GrammarLastSampler:
     """A sampler chain and a grammar, the grammar consulted last; what Llama.sample() needs of a sampler."""
 
-    def __init__(self, llm: Any, chain: Any, grammar: str) -> None:
+    def __init__(self, llm: Any, chain: Any, grammar: str, trigger: str | None = None) -> None:
         import llama_cpp
         import numpy as np
 
         self._api = llama_cpp
         self._chain = chain
-        self._grammar = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode("utf-8"), b"root")
+        if trigger is None:
+            self._grammar = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode("utf-8"), b"root")
+        else:
+            # Lazy: llama.cpp matches the pattern against the answer so far, and feeds the grammar
+            # from its group on; until then the grammar lets every token through.
+            pattern = f"[\\s\\S]*?({re.escape(trigger)}[\\s\\S]*)".encode()
+            self._grammar = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+                llm._model.vocab, grammar.encode("utf-8"), b"root", (ctypes.c_char_p * 1)(pattern), 1,
+                (llama_cpp.llama_token * 0)(), 0,
+            )  # fmt: skip
         if not self._grammar:
             raise ArtifactError("llama.cpp could not read the answer's grammar")
         self._vocabulary = llm.n_vocab()

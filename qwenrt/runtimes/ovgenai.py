@@ -32,6 +32,7 @@ from qwenrt.manifest import OPENVINO_KEY
 from qwenrt.runtimes import mapped_pages
 from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig, TokenRelay
 from qwenrt.runtimes.byte_vocab import control_token_spellings, token_byte_table
+from qwenrt.runtimes.grammar import after_literal
 from qwenrt.runtimes.probe import SafeFallback
 from qwenrt.runtimes.settings import Knob, ResolvedSettings, Rule
 
@@ -341,7 +342,7 @@ class OpenVINOEngine(Engine):
         generation.frequency_penalty = config.frequency_penalty
         if config.grammar is not None:
             # The grammar llama.cpp gets too, not GenAI's own JSON-schema mode (see qwenrt.runtimes.grammar).
-            generation.structured_output_config = ov_genai.StructuredOutputConfig(grammar=config.grammar)
+            generation.structured_output_config = _structured_output(ov_genai, config)
         generation.min_new_tokens = 0
         generation.no_repeat_ngram_size = ov_genai.GenerationConfig().no_repeat_ngram_size
         generation.top_k = config.top_k or ov_genai.GenerationConfig().top_k  # 0 is "off"
@@ -496,6 +497,19 @@ class _ContinuousBatcher:
 # How far a weight constant may sit from its consumer: through Convert, Subtract, Multiply
 # and Convert in an INT8 IR's decompression chain.
 DECOMPRESSION_DEPTH = 6
+
+
+def _structured_output(ov_genai: Any, config: GenerationConfig) -> Any:
+    """The grammar as GenAI's StructuredOutputConfig: whole, or, with a trigger, as a tag that
+    opens at the trigger and follows the grammar from there (GenAI's triggered tags)."""
+    structured = ov_genai.StructuredOutputConfig
+    if config.grammar_trigger is None:
+        return structured(grammar=config.grammar)
+    after = after_literal(config.grammar, config.grammar_trigger)
+    tag = structured.Tag(begin=config.grammar_trigger, content=structured.EBNF(after), end="")
+    # stop_after_first: once the grammar is done the answer ends, as a lazy grammar does in llama.cpp.
+    triggered = structured.TriggeredTags(triggers=[config.grammar_trigger], tags=[tag], stop_after_first=True)
+    return structured(structural_tags_config=triggered)
 
 
 def _vocabulary_size(ir_dir: Path, tokens_with_text: int) -> int:

@@ -188,6 +188,7 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     grammar: str | None = None  # the answer's grammar (a JSON schema's, or the tools')
+    grammar_trigger: str | None = None  # the grammar holds from this text on (tool_choice auto)
     user: str | None = None
     logprobs: int | None = None  # alternatives a token, with each token's log-probability (None: none)
 
@@ -204,6 +205,7 @@ class Sampling:
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             grammar=self.grammar,
+            grammar_trigger=self.grammar_trigger,
             logprobs=self.logprobs,
         )
 
@@ -236,12 +238,16 @@ def parse_chat_request(
     if sampling.user is None and body.get("safety_identifier") is not None:
         sampling = replace(sampling, user=body["safety_identifier"])
     sampling = replace(sampling, logprobs=_logprobs(body))
-    tools, calls_grammar = _tools(body)
-    if calls_grammar is not None:
+    tools, calls_grammar, trigger = _tools(body)
+    if calls_grammar is not None and trigger is None:
         if sampling.grammar is not None:
             raise RequestError("tool_choice required or a named function leaves no room for response_format",
                                param="tool_choice")  # fmt: skip
         sampling = replace(sampling, grammar=calls_grammar)
+    elif calls_grammar is not None and sampling.grammar is None:
+        # auto: free until the model opens a call, whose arguments then follow the parameters.
+        # (With a response_format too, the answer is JSON and no call can be made.)
+        sampling = replace(sampling, grammar=calls_grammar, grammar_trigger=trigger)
     return ChatRequest(**asdict(sampling), messages=messages, tools=tools)
 
 
@@ -261,15 +267,16 @@ def _logprobs(body: dict[str, Any]) -> int | None:
     return top
 
 
-def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | None]:
-    """The tools shown to the model, and the grammar of an answer that must call them (None: free)."""
+def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | None, str | None]:
+    """The tools shown to the model, the grammar of their calls (None: free), and the text from
+    which it holds (None: from the start; tool_choice auto has the model decide)."""
     tools = body.get("tools")
     choice = _given(body, "tool_choice", "auto" if tools else "none")
     parallel = _flag(body, "parallel_tool_calls", default=True)
     if tools is None or tools == []:
         if choice not in ("none", "auto"):
             raise RequestError("tool_choice needs tools to choose from", param="tool_choice")
-        return None, None
+        return None, None, None
     if not isinstance(tools, list):
         raise RequestError("tools must be a list of function tools", param="tools")
     functions: dict[str, dict[str, Any]] = {}
@@ -295,15 +302,14 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | Non
         named = choice.get("function", {}).get("name") if choice.get("type") == "function" else None
         if not isinstance(choice.get("function"), dict) or named not in functions:
             raise RequestError("tool_choice names no function of tools", param="tool_choice")
-        return tools, tool_call_grammar([functions[named]], parallel=False)
+        return tools, _calls_grammar([functions[named]], parallel=False), None
     if choice not in TOOL_CHOICES:
         raise RequestError(f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function",
                            param="tool_choice")  # fmt: skip
     if choice == "none":
-        return None, None
-    if choice == "required":
-        return tools, _calls_grammar(list(functions.values()), parallel)
-    return tools, None
+        return None, None, None
+    grammar = _calls_grammar(list(functions.values()), parallel)
+    return tools, grammar, (None if choice == "required" else TOOL_CALL_OPEN)
 
 
 def _calls_grammar(functions: list[dict[str, Any]], parallel: bool) -> str:

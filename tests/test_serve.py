@@ -33,6 +33,8 @@ import pydantic
 import pytest
 from conftest import ENGINES, QWENRT
 from helpers import anonymous_huge_page_bytes, kernel_collapses
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny_model import CHATML_TEMPLATE, TOOLS_TEMPLATE, build_tiny_qwen2
 
 from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, TokenEvent, engine_class, open_engine
@@ -861,6 +863,9 @@ def body(**fields: Any) -> dict[str, Any]:
                                                                                    "function": {"name": "g"}}),
          "tool_choice"),
         (body(tools=[{"type": "function"}]), "tools[0]"),
+        (body(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice={"type": "function",
+                                                                                   "function": "f"}), "tool_choice"),
+        (body(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice=["f"]), "tool_choice"),
         (body(tools=[{"type": "function", "function": {"name": "a b"}}]), "tools[0].function.name"),
         (body(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "thing"}}}]),
          "tools[0].function.parameters"),
@@ -1610,3 +1615,39 @@ def test_an_engine_crash_ends_the_server_with_one_line(serve_model: Path, tmp_pa
     assert "crashed (SIGSEGV, segmentation fault) while running" in lines[-1]
     assert "Traceback" not in server.output()
     assert ProbeRecord(key).outcome(signature) is None
+
+
+# --- any body at all -----------------------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_FIELD_VALUES = st.dictionaries(st.sampled_from(sorted(CHAT_FIELDS)), _JSON, max_size=6)
+_TOOL = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.sampled_from(["f", "g"])}, optional={"parameters": _JSON, "description": _JSON})})  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(fields=_FIELD_VALUES, tools=st.lists(_TOOL, max_size=2), choice=_JSON | st.sampled_from(["auto", "required"]),
+       messages=st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "tool"]) | _JSON},
+                                               optional={"content": st.text(max_size=8) | _JSON,
+                                                         "tool_calls": st.lists(st.fixed_dictionaries(
+                                                             {"function": st.fixed_dictionaries(
+                                                                 {"name": st.text(max_size=4) | _JSON},
+                                                                 optional={"arguments": st.text(max_size=8) | _JSON})
+                                                              | _JSON}), max_size=2) | _JSON,
+                                                         "tool_call_id": _JSON}),
+                         min_size=1, max_size=3))  # fmt: skip
+def test_the_parsers_answer_any_json_with_a_request_or_a_named_refusal(fields: dict, tools: list, choice: Any,
+                                                                       messages: list) -> None:  # fmt: skip
+    """Whatever a client sends in whichever field, the parsers give a request or a RequestError;
+    never another exception (which would be a 500)."""
+    for body in ({**fields, "messages": messages}, {"messages": HELLO, "tools": tools, "tool_choice": choice},
+                 {**fields, "messages": HELLO}, {**fields, "prompt": "x"}):  # fmt: skip
+        for parse in (parse_chat_request, parse_completion_request):
+            try:
+                parse(body, max_tokens_limit=100)
+            except RequestError as refusal:
+                assert refusal.status == 400

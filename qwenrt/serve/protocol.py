@@ -299,8 +299,9 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | Non
             _check_schema(parameters, f"{where}.function.parameters")
         functions[name] = function
     if isinstance(choice, dict):
-        named = choice.get("function", {}).get("name") if choice.get("type") == "function" else None
-        if not isinstance(choice.get("function"), dict) or named not in functions:
+        function = choice.get("function")
+        named = function.get("name") if choice.get("type") == "function" and isinstance(function, dict) else None
+        if named not in functions:
             raise RequestError("tool_choice names no function of tools", param="tool_choice")
         return tools, _calls_grammar([functions[named]], parallel=False), None
     if choice not in TOOL_CHOICES:

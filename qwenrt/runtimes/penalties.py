@@ -33,7 +33,9 @@ def apply_penalties(
 ) -> np.ndarray:
     """``logits`` (one position's, over the vocabulary) with the penalties applied, in place."""
     if repetition != 1.0:
-        seen = np.unique(np.fromiter((*prompt_ids, *answer_ids), dtype=np.int64))
+        # Whole arrays, not element by element: this runs at every token, over the whole prompt.
+        ids = [np.asarray(prompt_ids, dtype=np.int64), np.asarray(answer_ids, dtype=np.int64)]
+        seen = np.unique(np.concatenate(ids))
         values = logits[seen]
         logits[seen] = np.where(values >= 0, values / repetition, values * repetition)
     if len(answer_ids) and (presence != 0.0 or frequency != 0.0):

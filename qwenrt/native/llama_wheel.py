@@ -14,6 +14,13 @@ the qwenrt home, keyed by all that changes what gets built: the version, the pat
 built on one CPU may die with SIGILL on another), so installing again on the same kind
 of host takes seconds instead of minutes.
 
+``--portable`` builds the wheel ``qwenrt bundle`` ships instead: llama.cpp compiled once
+per x86-64 CPU generation (``GGML_CPU_ALL_VARIANTS``: from plain x86-64 up to AVX2,
+AVX-512 and AMX), each variant a CPU backend that ggml loads at run time
+(``GGML_BACKEND_DL``), choosing the best one the CPU it lands on supports. Its cache key
+leaves the build host's CPU out: that is the point of it. The loading is done by
+``qwenrt.runtimes.llamacpp`` (llama-cpp-python does not load dynamic backends itself).
+
 Standard library only: it runs before qwenrt's dependencies are installed.
 """
 
@@ -35,6 +42,16 @@ PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"
 PATCHES = Path(__file__).parent / "patches"
 VERSION_FILE = "llama_cpp/__init__.py"
+# llama.cpp's multi-variant CPU build (https://github.com/ggml-org/llama.cpp/blob/master/docs/build.md,
+# "CPU Build", and ggml/src/CMakeLists.txt). The backends are MODULE libraries that ggml installs
+# to CMAKE_INSTALL_BINDIR; under scikit-build-core's prefix (the wheel's root) that puts them in
+# llama_cpp/lib beside libggml.so, where qwenrt asks ggml to look.
+PORTABLE_CMAKE_ARGS = (
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_BACKEND_DL=ON",
+    "-DGGML_CPU_ALL_VARIANTS=ON",
+    "-DCMAKE_INSTALL_BINDIR=llama_cpp/lib",
+)
 
 
 class BuildError(Exception):
@@ -45,12 +62,13 @@ def patch_files() -> list[Path]:
     return sorted(PATCHES.glob(f"{PACKAGE}-*.patch"))
 
 
-def local_version() -> str:
-    """The version the patched build carries: the upstream one plus a digest of the patches."""
+def local_version(portable: bool = False) -> str:
+    """The version the patched build carries: the upstream one plus a digest of the patches, and
+    ``.portable`` for the portable build (so that the probe's cache and ``pip show`` tell them apart)."""
     digest = hashlib.sha256()
     for patch in patch_files():
         digest.update(patch.name.encode() + b"\0" + patch.read_bytes())
-    return f"{VERSION}+qwenrt.{digest.hexdigest()[:8]}"
+    return f"{VERSION}+qwenrt.{digest.hexdigest()[:8]}" + (".portable" if portable else "")
 
 
 def cpu_identity() -> str:
@@ -61,9 +79,17 @@ def cpu_identity() -> str:
     return f"{model or platform.processor()} {platform.machine()}: {' '.join(sorted(flags))}"
 
 
-def build_key() -> str:
-    parts = [local_version(), os.environ.get("CMAKE_ARGS", ""), sys.implementation.cache_tag or "",
-             platform.machine(), cpu_identity()]  # fmt: skip
+def cmake_args(portable: bool) -> str:
+    user = os.environ.get("CMAKE_ARGS", "")
+    return " ".join([user, *PORTABLE_CMAKE_ARGS]).strip() if portable else user
+
+
+def build_key(portable: bool = False) -> str:
+    # The wheel is tagged py3 (llama-cpp-python loads its libraries through ctypes), yet the
+    # Python stays in the key of native builds as before; a portable build is for any CPU and
+    # any Python 3 of the architecture.
+    host = ["portable"] if portable else [sys.implementation.cache_tag or "", cpu_identity()]
+    parts = [local_version(portable), cmake_args(portable), platform.machine(), *host]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -86,7 +112,7 @@ def fetch_source(cache_dir: Path, pip: list[str]) -> Path:
     return found[0]
 
 
-def prepare_source(sdist: Path, work_dir: Path) -> Path:
+def prepare_source(sdist: Path, work_dir: Path, portable: bool = False) -> Path:
     """Unpack ``sdist`` into ``work_dir``, apply every patch and set the local version."""
     with tarfile.open(sdist) as archive:
         # The "data" filter refuses links and paths out of work_dir (Python 3.10.12 and later).
@@ -109,23 +135,27 @@ def prepare_source(sdist: Path, work_dir: Path) -> Path:
     declared = f'__version__ = "{VERSION}"'
     if declared not in text:
         raise BuildError(f"{VERSION_FILE} of {sdist.name} does not declare {declared}")
-    version_file.write_text(text.replace(declared, f'__version__ = "{local_version()}"'), encoding="utf-8")
+    version_file.write_text(text.replace(declared, f'__version__ = "{local_version(portable)}"'), encoding="utf-8")
     return source
 
 
-def build_wheel(cache_dir: Path, pip: list[str], log=print) -> Path:
-    """The patched wheel for this host, from the cache or built now (minutes: llama.cpp compiles)."""
-    target = cache_dir / build_key()
+def build_wheel(cache_dir: Path, pip: list[str], log=print, portable: bool = False) -> Path:
+    """The patched wheel, from the cache or built now (minutes: llama.cpp compiles).
+
+    Native (the default): for this host's CPU. ``portable``: for any x86-64 CPU (see above).
+    """
+    target = cache_dir / build_key(portable)
     cached = sorted(target.glob("llama_cpp_python-*.whl"))
     if cached:
-        log(f"{PACKAGE} {local_version()}: using the wheel built before, {cached[0]}")
+        log(f"{PACKAGE} {local_version(portable)}: using the wheel built before, {cached[0]}")
         return cached[0]
     sdist = fetch_source(cache_dir, pip)
     with tempfile.TemporaryDirectory(prefix="qwenrt-llama-build-") as work:
-        source = prepare_source(sdist, Path(work))
-        log(f"{PACKAGE} {local_version()}: building from source with {len(patch_files())} qwenrt patch(es) "
-            "(about 5 minutes on 2 cores) …")  # fmt: skip
-        env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 1))
+        source = prepare_source(sdist, Path(work), portable)
+        minutes = "about 25 minutes" if portable else "about 5 minutes"
+        log(f"{PACKAGE} {local_version(portable)}: building from source with {len(patch_files())} qwenrt "
+            f"patch(es) ({minutes} on 2 cores) …")  # fmt: skip
+        env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 1), CMAKE_ARGS=cmake_args(portable))
         _run(pip + ["wheel", "--no-deps", "--wheel-dir", str(Path(work) / "wheel"), str(source)], env=env)
         built = sorted((Path(work) / "wheel").glob("llama_cpp_python-*.whl"))
         if not built:
@@ -148,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qwenrt.native.llama_wheel", description=__doc__.splitlines()[0])
     parser.add_argument("--install", action="store_true", help="Install the wheel into this Python.")
     parser.add_argument("--cache-dir", type=Path, default=None, help="Where wheels and the source are kept.")
+    parser.add_argument("--portable", action="store_true", help="Build for any x86-64 CPU (what bundles ship).")
     args = parser.parse_args(argv)
     pip = [sys.executable, "-m", "pip"]
     try:
-        wheel = build_wheel(args.cache_dir or default_cache_dir(), pip)
+        wheel = build_wheel(args.cache_dir or default_cache_dir(), pip, portable=args.portable)
         if args.install:
             _run(pip + ["install", "--quiet", str(wheel)])
     except BuildError as exc:

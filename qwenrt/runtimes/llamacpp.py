@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import re
 import threading
 import time
@@ -104,6 +105,8 @@ class LlamaCppEngine(Engine):
         super().__init__(model_dir, options, settings)
 
         from qwenrt.gguf_check import check_gguf
+
+        load_cpu_backend()
 
         path = self.artifact_path(self.model_dir)
         # llama.cpp aborts the whole process on some malformed files: check before it reads one.
@@ -445,6 +448,60 @@ class _GrammarLastSampler:
         self.close()
 
 
+def load_cpu_backend() -> str | None:
+    """Have ggml load its CPU backend when the installed llama.cpp keeps it in a library of its own.
+
+    The portable wheel that ``qwenrt bundle`` ships (``qwenrt.native.llama_wheel --portable``)
+    is llama.cpp built with ``GGML_BACKEND_DL`` and ``GGML_CPU_ALL_VARIANTS``: one
+    ``libggml-cpu-<variant>.so`` per x86-64 generation, of which ggml loads the best one the
+    CPU runs. ggml only looks for them when asked, and llama-cpp-python does not ask, so llama.cpp
+    would refuse every model ("no backends are loaded"). Asked once per process; a native build
+    (its CPU backend linked in) needs nothing. Returns the variant loaded, else None.
+    """
+    import llama_cpp
+
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    if not any(lib_dir.glob("libggml-cpu-*.so")):
+        return None
+    with _BACKEND_LOCK:
+        # The very file libllama loaded: a wheel holds each symbolic link as a copy of its own,
+        # and a backend registered in another copy of libggml is one llama.cpp never sees.
+        ggml = ctypes.CDLL(_loaded_library("libggml.so") or str(lib_dir / "libggml.so.0"))
+        if ggml.ggml_backend_reg_count() == 0:
+            # llama-cpp-python prints llama.cpp's log until a model is opened with verbose=False;
+            # ggml's line per backend loaded would otherwise start every chat.
+            log = logging.getLogger("llama-cpp-python")
+            if log.level == logging.NOTSET:
+                log.setLevel(logging.ERROR)
+            ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+            ggml.ggml_backend_load_all_from_path(str(lib_dir).encode())
+        if ggml.ggml_backend_reg_count() == 0:
+            raise ArtifactError(f"llama.cpp found no CPU backend this CPU can run in {lib_dir}")
+    return cpu_backend_variant()
+
+
+def cpu_backend_variant() -> str | None:
+    """The CPU variant (``haswell``, ``sapphirerapids`` …) of a portable llama.cpp this process loaded."""
+    loaded = _loaded_library("libggml-cpu-")
+    return Path(loaded).name.removeprefix("libggml-cpu-").split(".so")[0] if loaded else None
+
+
+def _loaded_library(name: str) -> str | None:
+    """The path of the first library mapped into this process whose file name starts with ``name``."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split(maxsplit=5)[-1]
+        if path.startswith("/") and Path(path).name.startswith(name):
+            return path
+    return None
+
+
+_BACKEND_LOCK = threading.Lock()
+
+
 def _repacks_into_amx(extra_buffer_types: bool | None) -> bool:
     """llama.cpp copies Q8_0 weights into its AMX buffer at load: extra buffer types on, a build with
     AMX kernels, a CPU with AMX."""
@@ -452,6 +509,7 @@ def _repacks_into_amx(extra_buffer_types: bool | None) -> bool:
         return False
     import llama_cpp
 
+    load_cpu_backend()
     return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 

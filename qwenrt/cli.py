@@ -15,7 +15,7 @@ import click
 from qwenrt import __version__
 from qwenrt.errors import ArtifactError, ModelNotFoundError, QwenrtError
 from qwenrt.manifest import ARTIFACT_KEYS
-from qwenrt.paths import default_model_dir
+from qwenrt.paths import default_model_dir, model_to_read
 from qwenrt.runtimes import batching_engine_names, converted_engine_names, engine_class
 
 
@@ -162,7 +162,7 @@ def convert(source: str, out_dir: Path | None, fmt: str, force: bool, no_verify:
 
 
 def _model_dir(model: Path | None) -> Path:
-    path = model or default_model_dir()
+    path = model or model_to_read()
     if not path.exists():
         raise ModelNotFoundError(
             f"no model at {path}; make one with 'qwenrt convert demo' (offline demo weights) "
@@ -246,6 +246,19 @@ def chat(runtime: str, model: Path | None, threads: int | None, pin: bool, huge_
             print_answer(session, prompt.strip(), sys.stdout, stats)
         else:
             interactive(session, sys.stdout, stats)
+
+
+def _read_api_key(path: Path, given: str | None) -> str:
+    if given:
+        raise QwenrtError("give --api-key (or QWENRT_API_KEY) or --api-key-file, not both")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QwenrtError(f"cannot read the API key from {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise QwenrtError(f"{path} holds no API key on its first line")
+    return key
 
 
 def _int_list(value: str, option: str) -> list[int]:
@@ -468,6 +481,8 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
               help="Seconds of silence in a stream (prefill, queue) before a keep-alive comment.")  # fmt: skip
 @click.option("--api-key", envvar="QWENRT_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' [env: QWENRT_API_KEY].")  # fmt: skip
+@click.option("--api-key-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Read the API key from this file (its first line), as a service does.")  # fmt: skip
 @click.option("--model-name", default=None, help="Model id shown to clients [default: the model folder's name].")
 @click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
               help="Reuse the KV cache of a conversation's earlier turns.")  # fmt: skip
@@ -476,7 +491,8 @@ def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, huge
           context_length: int | None, set_values: tuple[str, ...], parallel: int, host: str, port: int,
           max_tokens_limit: int, max_queue: int, max_body_bytes: int, request_timeout: float, keep_alive: float,
           max_connections: int, cors_origins: tuple[str, ...], sse_keep_alive: float, api_key: str | None,
-          model_name: str | None, prefix_cache: bool, no_access_log: bool) -> None:  # fmt: skip
+          api_key_file: Path | None, model_name: str | None, prefix_cache: bool,
+          no_access_log: bool) -> None:  # fmt: skip
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions), streaming.
 
     Stops cleanly on SIGTERM or Ctrl-C: answers in flight get up to 10 s to finish.
@@ -487,6 +503,8 @@ def serve(runtime: str, model: Path | None, threads: int | None, pin: bool, huge
 
     model_dir = _model_dir(model)
     engine_class(runtime).artifact_path(model_dir)
+    if api_key_file is not None:
+        api_key = _read_api_key(api_key_file, api_key)
     if not is_loopback(host) and not api_key:
         click.echo(f"qwenrt: warning: listening on {host} without --api-key: anyone who can reach it can use it",
                    err=True)  # fmt: skip
@@ -635,6 +653,39 @@ def evaluate(model: Path | None, runtimes: str, corpus: str, context: int, max_t
             click.echo(f"wrote {path}", err=True)
     if not any(entry["status"] == "ok" for entry in result["engines"]):
         raise QwenrtError("no engine could be evaluated: " + "; ".join(e["error"] for e in result["engines"]))
+
+
+@cli.command()
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Model folder [default: the user cache].")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The bundle: a folder, or FILE.tar.")
+@click.option("--python", "python_version", default=None, metavar="X.Y",
+              help="The target's Python [default: this one's].")  # fmt: skip
+@click.option("--platform", "platform_tag", default=None, metavar="TAG",
+              help="The target's pip platform tag, e.g. manylinux_2_28_x86_64 [default: this machine's].")  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def bundle(model: Path | None, out: Path, python_version: str | None, platform_tag: str | None, force: bool) -> None:
+    """One folder that installs and serves the model on a box with no network and no compiler.
+
+    Wheels of qwenrt and its runtime dependencies (no torch, no transformers) for the
+    target, llama.cpp built for any x86-64 CPU, the converted model, and install.sh
+    (checks every file's sha256, installs offline, probes the engines, --service adds a
+    systemd unit). The first bundle compiles the portable llama.cpp (about 25 minutes on
+    2 cores); it is cached for the next.
+    """
+    from qwenrt.bundle import build_bundle
+    from qwenrt.bundle.wheelhouse import Target
+
+    target = Target(python_version, platform_tag)
+    target.check()
+    report = build_bundle(_model_dir(model), out, target, log=lambda line: click.echo(line, err=True), force=force)
+    click.echo(f"wrote {report.path}: {report.total_bytes / 1e6:.0f} MB (model {report.model_bytes / 1e6:.0f} MB, "
+               f"{len(report.wheels)} wheels {report.wheel_bytes / 1e6:.0f} MB)")  # fmt: skip
+    if report.left_out:
+        click.echo(f"left out (declared, never loaded at run time): {', '.join(report.left_out)}")
+    if report.path.suffix == ".tar":
+        click.echo(f"install it: tar xf {report.path} && {report.path.stem}/install.sh [DIR]")
+    else:
+        click.echo(f"install it: {report.path}/install.sh [DIR]")
 
 
 def datetime_now() -> str:

@@ -62,3 +62,42 @@ def make_cell(**fields: object):
     }  # fmt: skip
     values.update(fields)
     return Cell(**values)
+
+
+# How far an engine's log-probabilities may be from log-softmax of its own logits computed over the
+# whole sequence at once (Engine.window_logits). Generation feeds the answer a token at a time, and
+# the kernels that do (llama.cpp's, and OpenVINO's with its dynamic quantisation of activations)
+# now and then round a step differently from the whole-sequence pass.
+LOGPROB_TOLERANCE = 1e-3
+
+
+def scored_tokens(events) -> list:
+    """The generated tokens of a stream (TokenEvents with an id), in order."""
+    from qwenrt.runtimes import TokenEvent
+
+    return [e for e in events if isinstance(e, TokenEvent) and e.token_id >= 0]
+
+
+def logprob_deviation(tokens: list, logit_engine, prompt_ids: list[int], alternatives: int) -> float:
+    """The largest gap between the tokens' log-probabilities (each chosen token's and its
+    alternatives') and log-softmax of ``logit_engine``'s logits over the prompt and the answer,
+    read in one pass; the shape of each token's figures is checked on the way: the chosen
+    token's at most 0, ``alternatives`` distinct alternatives, most likely first, and they are
+    the most likely tokens (their figures are the highest of the distribution's)."""
+    import numpy as np
+
+    answer = [token.token_id for token in tokens]
+    # Row i of the window predicts the token after its position i: the answer's first from the prompt's last.
+    rows = logit_engine.window_logits(prompt_ids + answer[:-1])[len(prompt_ids) - 1 :].astype(np.float64)
+    worst = 0.0
+    for token, row in zip(tokens, rows, strict=True):
+        expected = row - row.max() - np.log(np.exp(row - row.max()).sum())
+        chosen, top = token.logprobs.logprob, token.logprobs.top
+        values = [logprob for _, logprob in top]
+        assert chosen <= 0 and len({t for t, _ in top}) == len(top) == alternatives, token
+        assert values == sorted(values, reverse=True), top
+        highest = np.sort(expected)[::-1][:alternatives]
+        gaps = [abs(chosen - expected[token.token_id]), *(abs(lp - expected[t]) for t, lp in top),
+                *np.abs(np.array(values) - highest)]  # fmt: skip
+        worst = max(worst, *map(float, gaps))
+    return worst

@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import LOGPROB_TOLERANCE, logprob_deviation, scored_tokens
 
 from qwenrt.errors import QwenrtError
 from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, TokenEvent, open_engine
+from qwenrt.runtimes.base import MAX_TOP_LOGPROBS
 
 PROMPTS = ["Hello fox", "The quick brown fox", "今天天气很好。", "Write a Python quicksort function."]
 
@@ -76,6 +78,24 @@ def test_batched_greedy_answers_equal_one_at_a_time(batching) -> None:
     alone = [token_ids(list(batching.stream_chat([{"role": "user", "content": p}], config))) for p in PROMPTS]
     together = [token_ids(events) for events in run_together(batching, [(p, config) for p in PROMPTS])]
     assert together == alone
+
+
+def test_concurrent_streams_each_get_their_own_log_probabilities(batching, logit_engines: dict) -> None:
+    """Each scored stream has its own infer request, so its own KV cache: streams scored at once,
+    greedy and sampled, beside one that asks for none, each get their own sequence's figures."""
+    configs = [GenerationConfig(max_tokens=16, ignore_eos=True, logprobs=MAX_TOP_LOGPROBS),
+               GenerationConfig(max_tokens=9, ignore_eos=True, logprobs=2, temperature=1.5, seed=5),
+               GenerationConfig(max_tokens=16, ignore_eos=True),
+               GenerationConfig(max_tokens=12, ignore_eos=True, logprobs=0, repetition_penalty=1.5)]  # fmt: skip
+    results = run_together(batching, list(zip(PROMPTS, configs, strict=True)))
+    for prompt, config, events in zip(PROMPTS, configs, results, strict=True):
+        tokens = scored_tokens(events)
+        assert len(tokens) == config.max_tokens
+        if config.logprobs is None:
+            assert all(token.logprobs is None for token in tokens)
+            continue
+        prompt_ids = batching.chat_prompt_ids([{"role": "user", "content": prompt}])
+        assert logprob_deviation(tokens, logit_engines["openvino"], prompt_ids, config.logprobs) <= LOGPROB_TOLERANCE
 
 
 def test_single_stream_on_the_batching_pipeline_equals_llm_pipeline(tiny_model: Path, batching) -> None:

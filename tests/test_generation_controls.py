@@ -12,20 +12,24 @@ import itertools
 import json
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
 import numpy as np
 import pytest
 from conftest import ENGINES
+from helpers import LOGPROB_TOLERANCE, logprob_deviation, scored_tokens
 
 from qwenrt.errors import QwenrtError
 from qwenrt.runtimes import EngineOptions, GenerationConfig, StreamEnd, TokenEvent, engine_class, open_engine
+from qwenrt.runtimes.base import MAX_TOP_LOGPROBS
 from qwenrt.runtimes.grammar import after_literal, json_schema_grammar
 from qwenrt.runtimes.penalties import apply_penalties
 
 PENALISING = [name for name in ENGINES if engine_class(name).applies_penalties]
 SCHEMA_FOLLOWING = [name for name in ENGINES if engine_class(name).follows_grammar]
+LOGPROB_ENGINES = [name for name in ENGINES if engine_class(name).top_logprobs]
 # A prompt the tiny test model answers by repeating tokens (greedy: one token four times over, another
 # three times, on both engines).
 REPEATING = [{"role": "user", "content": "the the the the"}]
@@ -116,25 +120,41 @@ def test_json_object_answer_is_an_object(name: str, engines: dict) -> None:
         assert isinstance(json.loads(end.text), dict)
 
 
-@pytest.mark.parametrize("name", [name for name in ENGINES if engine_class(name).top_logprobs])
-def test_logprobs_are_the_engine_s_own_distribution(name: str, engines: dict, logit_engines: dict) -> None:
+@pytest.mark.parametrize("name", LOGPROB_ENGINES)
+@pytest.mark.parametrize(
+    "config",
+    [GenerationConfig(max_tokens=12, ignore_eos=True, logprobs=MAX_TOP_LOGPROBS, repetition_penalty=1.5),
+     GenerationConfig(max_tokens=12, ignore_eos=True, logprobs=0, temperature=1.5, seed=3),
+     GenerationConfig(max_tokens=12, ignore_eos=True, logprobs=3, grammar=VERDICT_GRAMMAR)],
+    ids=["greedy penalised, 20 alternatives", "sampled, none", "grammar, 3"],
+)  # fmt: skip
+def test_logprobs_are_the_engine_s_own_distribution(
+    name: str, config: GenerationConfig, engines: dict, logit_engines: dict
+) -> None:
     """Each token's log-probability and the most likely alternatives, against log-softmax of the same
-    engine's logits computed apart (window_logits), penalties or not: the model's own distribution."""
+    engine's logits computed apart (window_logits): the model's own distribution, whatever the
+    penalties, the temperature or a grammar made of it. On OpenVINO they come from its scorer."""
     engine = engines[name]
     prompt = engine.chat_prompt_ids(REPEATING)
-    config = GenerationConfig(max_tokens=6, ignore_eos=True, logprobs=5, repetition_penalty=1.5)
-    events = [e for e in engine.stream(prompt, config) if isinstance(e, TokenEvent) and e.token_id >= 0]
-    answer: list[int] = []
-    for event in events:
-        logits = logit_engines[name].window_logits(prompt + answer)[-1].astype(np.float64)
-        expected = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
-        assert event.logprobs.logprob == pytest.approx(expected[event.token_id], abs=2e-3)
-        best = np.argsort(-expected)[:5]
-        assert [t for t, _ in event.logprobs.top] == best.tolist()
-        assert [lp for _, lp in event.logprobs.top] == pytest.approx(expected[best].tolist(), abs=2e-3)
-        answer.append(event.token_id)
-    plain = engine.stream(prompt, GenerationConfig(max_tokens=6, ignore_eos=True))
+    tokens = scored_tokens(engine.stream(prompt, config))
+    assert len(tokens) == config.max_tokens
+    deviation = logprob_deviation(tokens, logit_engines[name], prompt, config.logprobs)
+    print(f"\n{name}: log-probabilities within {deviation:.1e} of the whole-sequence logits'")
+    assert deviation <= LOGPROB_TOLERANCE
+    plain = engine.stream(prompt, replace(config, logprobs=None))
     assert all(e.logprobs is None for e in plain if isinstance(e, TokenEvent))
+
+
+def test_openvino_compiles_its_scorer_at_the_first_request_for_logprobs_and_frees_it_on_close(tiny_model: Path) -> None:
+    """The scorer's second copy of the weights is paid for only once log-probabilities are asked for."""
+    engine = open_engine("openvino", tiny_model, EngineOptions(threads=1, prefix_cache=False))
+    prompt = engine.chat_prompt_ids(REPEATING)
+    list(engine.stream(prompt, GenerationConfig(max_tokens=3)))
+    assert engine._scorer is None
+    list(engine.stream(prompt, GenerationConfig(max_tokens=3, logprobs=1)))
+    assert engine._scorer is not None
+    engine.close()
+    assert engine._scorer is None
 
 
 def test_an_engine_without_a_control_refuses_it_before_any_work() -> None:

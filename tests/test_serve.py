@@ -32,7 +32,7 @@ import psutil
 import pydantic
 import pytest
 from conftest import ENGINES, QWENRT
-from helpers import anonymous_huge_page_bytes, kernel_collapses
+from helpers import LOGPROB_TOLERANCE, anonymous_huge_page_bytes, kernel_collapses, scored_tokens
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_model import CHATML_TEMPLATE, TOOLS_TEMPLATE, build_tiny_qwen2
@@ -1255,8 +1255,10 @@ def test_the_model_s_generation_config_is_the_default_of_a_request(serve_model: 
 # --- log-probabilities ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-def test_logprobs_where_the_engine_gives_them_and_a_400_where_not(server: Server, stream: bool) -> None:
+def test_logprobs_streamed_and_whole_are_the_engine_s_own(server: Server, local_engines: dict) -> None:
+    """The same figures streamed, whole, and from the engine in this process: on OpenVINO the server
+    answers on its continuous-batching pipeline (--parallel 4), this process on LLMPipeline, and
+    both are scored alike. An engine that gives none refuses with a 400 naming logprobs."""
     kwargs = {"model": MODEL_ID, "messages": HELLO, "max_tokens": 8, "temperature": 0, "logprobs": True,
               "top_logprobs": 3, "extra_body": {"ignore_eos": True}}  # fmt: skip
     client = server.client()
@@ -1265,19 +1267,28 @@ def test_logprobs_where_the_engine_gives_them_and_a_400_where_not(server: Server
             client.chat.completions.create(**kwargs)
         assert (refused.value.param, refused.value.code) == ("logprobs", "unsupported_by_engine")
         return
-    if stream:
-        chunks = list(client.chat.completions.create(**kwargs, stream=True))
-        entries = [entry for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
-                   for entry in chunk.choices[0].logprobs.content]  # fmt: skip
-    else:
-        entries = client.chat.completions.create(**kwargs).choices[0].logprobs.content
-    assert 0 < len(entries) <= 8
-    for entry in entries:
-        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
-        values = [alternative.logprob for alternative in entry.top_logprobs]
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    streamed = [entry.model_dump() for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                for entry in chunk.choices[0].logprobs.content]  # fmt: skip
+    whole = [entry.model_dump() for entry in client.chat.completions.create(**kwargs).choices[0].logprobs.content]
+    assert streamed == whole
+    assert 0 < len(whole) <= 8
+    for entry in whole:
+        assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 3
+        values = [alternative["logprob"] for alternative in entry["top_logprobs"]]
         assert values == sorted(values, reverse=True)
-        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob  # greedy
-        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+        assert entry["top_logprobs"][0]["token"] == entry["token"] and values[0] == entry["logprob"]  # greedy
+        assert bytes(entry["bytes"]).decode("utf-8", errors="replace") == entry["token"]
+    engine = local_engines[server.runtime]
+    config = GenerationConfig(max_tokens=8, ignore_eos=True, logprobs=3)
+    # Tokens without text (the end of the answer) get no entry, as in the server's answer.
+    tokens = [t for t in scored_tokens(engine.stream_chat(HELLO, config)) if engine.token_bytes(t.token_id)]
+    spelled = [[list(engine.token_bytes(token_id)) for token_id in (t.token_id, *(i for i, _ in t.logprobs.top))]
+               for t in tokens]  # fmt: skip
+    assert [[entry["bytes"], *(top["bytes"] for top in entry["top_logprobs"])] for entry in whole] == spelled
+    here = [logprob for t in tokens for logprob in (t.logprobs.logprob, *(lp for _, lp in t.logprobs.top))]
+    there = [lp for entry in whole for lp in (entry["logprob"], *(top["logprob"] for top in entry["top_logprobs"]))]
+    assert there == pytest.approx(here, abs=LOGPROB_TOLERANCE)
 
 
 # --- tools --------------------------------------------------------------------------------

@@ -136,6 +136,24 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...] = ()
 
 
+def step_logprobs(logits: np.ndarray, alternatives: int) -> tuple[np.ndarray, tuple[tuple[int, float], ...]]:
+    """One step's raw logits as log-probabilities, and its ``alternatives`` most likely tokens
+    with theirs (most likely first): the one definition every engine's TokenLogprobs follow.
+
+    The normaliser is summed in float64, so that it is exact to the logits' own float32 precision
+    however large the vocabulary; the log-probabilities are kept in float32, like the logits."""
+    import numpy as np
+
+    highest = float(logits.max())
+    logprobs = logits - np.float32(highest + np.log(np.exp(logits - highest, dtype=np.float64).sum()))
+    top: tuple[tuple[int, float], ...] = ()
+    if alternatives:
+        best = np.argpartition(-logprobs, alternatives)[:alternatives]
+        best = best[np.argsort(-logprobs[best], kind="stable")]
+        top = tuple((int(i), float(logprobs[i])) for i in best)
+    return logprobs, top
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     """One generated token: its id, the text it completes (maybe empty) and when it came."""

@@ -39,6 +39,7 @@ from qwenrt.runtimes.base import (
     EngineOptions,
     GenerationConfig,
     TokenLogprobs,
+    step_logprobs,
 )
 from qwenrt.runtimes.probe import SafeFallback
 from qwenrt.runtimes.settings import Knob, ResolvedSettings, Rule
@@ -201,7 +202,7 @@ class LlamaCppEngine(Engine):
         # seed, or an earlier request's seed would make every later answer repeat.
         llm.set_seed(config.seed if config.seed is not None else LLAMA_DEFAULT_SEED)
         failures: list[BaseException] = []
-        recorded: list[tuple[np.ndarray, tuple[tuple[int, float], ...]]] = []  # the last step's log-probabilities
+        recorded: list[tuple[int, np.ndarray, tuple[tuple[int, float], ...]]] = []  # the last step's (_recorder)
         # Read when generate() makes its sampler, at the first token (see _grammar_last_llama).
         llm.grammar_last = (config.grammar, config.grammar_trigger) if config.grammar is not None else None
         tokens = llm.generate(
@@ -223,7 +224,7 @@ class LlamaCppEngine(Engine):
                 return None
             if config.logprobs is None:
                 return token, time.perf_counter()
-            logprobs, top = recorded[-1]  # the step that chose this token
+            _, logprobs, top = recorded[-1]  # the step that chose this token
             return token, time.perf_counter(), TokenLogprobs(float(logprobs[token]), top)
 
         # One token per hand-over, each asked for by the reader: nothing is evaluated ahead
@@ -239,7 +240,7 @@ class LlamaCppEngine(Engine):
         config: GenerationConfig,
         prompt_ids: list[int],
         failures: list[BaseException],
-        recorded: list[tuple[np.ndarray, tuple[tuple[int, float], ...]]],
+        recorded: list[tuple[int, np.ndarray, tuple[tuple[int, float], ...]]],
     ) -> Any:
         """What qwenrt reads from and changes in each step's logits before llama.cpp's samplers
         (None: nothing). They run inside a ctypes callback, where an exception would be printed
@@ -338,18 +339,14 @@ def _penalties(config: GenerationConfig, prompt_ids: list[int]) -> Callable[[np.
 
 
 def _recorder(alternatives: int, recorded: list[Any]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """A processor that keeps the step's log-probabilities and its ``alternatives`` most likely tokens."""
-    import numpy as np
+    """A processor that keeps the step's log-probabilities and its ``alternatives`` most likely tokens,
+    after the length of the sequence they continue."""
 
     def record(input_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        highest = float(logits.max())
-        logprobs = logits - np.float32(highest + np.log(np.exp(logits - highest, dtype=np.float64).sum()))
-        top: tuple[tuple[int, float], ...] = ()
-        if alternatives:
-            best = np.argpartition(-logprobs, alternatives)[:alternatives]
-            best = best[np.argsort(-logprobs[best], kind="stable")]
-            top = tuple((int(i), float(logprobs[i])) for i in best)
-        recorded[:] = [(logprobs, top)]
+        # Where a grammar refuses the chain's choice, the step runs the chain again on logits the
+        # grammar has masked (_GrammarLastSampler): only a step's first call sees the model's own.
+        if not recorded or recorded[0][0] != len(input_ids):
+            recorded[:] = [(len(input_ids), *step_logprobs(logits, alternatives))]
         return logits
 
     return record

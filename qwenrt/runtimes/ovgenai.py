@@ -11,6 +11,13 @@ forward pass at its next step, the write-up's batching without waiting for a bat
 to fill. One thread steps the pipeline and hands each request its tokens. A single
 stream stays on ``LLMPipeline``: its C++ loop decoded as fast or faster than stepping
 from Python (BENCHMARKS.md, "Serving"), and chat and compare are measured on it.
+
+Neither pipeline tells a streaming caller the log-probabilities of the tokens it did not
+choose, so a request that asks for them is also read by a scorer (``_Scorer``): the IR
+compiled a second time, fed the prompt and then each token GenAI chose, whose raw logits
+give the log-probabilities as llama.cpp's engine gives them. It costs a second copy of the
+weights (the CPU plugin copies them into its own layout for each compiled model) from the
+first such request on, and a second forward pass for each token of such a request.
 """
 
 from __future__ import annotations
@@ -30,7 +37,15 @@ from qwenrt.errors import ArtifactError, QwenrtError
 from qwenrt.host import Host
 from qwenrt.manifest import OPENVINO_KEY
 from qwenrt.runtimes import mapped_pages
-from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig, TokenRelay
+from qwenrt.runtimes.base import (
+    MAX_TOP_LOGPROBS,
+    Engine,
+    EngineOptions,
+    GenerationConfig,
+    TokenLogprobs,
+    TokenRelay,
+    step_logprobs,
+)
 from qwenrt.runtimes.byte_vocab import control_token_spellings, token_byte_table
 from qwenrt.runtimes.grammar import after_literal
 from qwenrt.runtimes.probe import SafeFallback
@@ -91,6 +106,7 @@ class OpenVINOEngine(Engine):
     packages = ("openvino", "openvino-genai", "openvino-tokenizers")
     applies_penalties = True  # GenAI's sampler; its meaning is the one qwenrt gives every engine
     follows_grammar = True  # GenAI's StructuredOutputConfig (XGrammar) reads GBNF as its EBNF
+    top_logprobs = MAX_TOP_LOGPROBS  # from the scorer's logits (_Scorer), beside GenAI's sampler
     knobs = (
         Knob(PRECISION, "the arithmetic of the non-INT8 parts (f32, or bf16/f16 where the CPU has them)",
              _precisions, lambda host: plugin_default(PRECISION), rules=(
@@ -159,6 +175,8 @@ class OpenVINOEngine(Engine):
         self._pipe: Any = None
         self._model: Any = None  # the compiled IR, when opened for logits
         self._batcher: _ContinuousBatcher | None = None
+        self._scorer: _Scorer | None = None  # compiled at the first request for log-probabilities
+        self._scorer_lock = threading.Lock()
         self._text_tokenizer: tuple[Any, frozenset[str]] | None = None
         self.path = path
         try:
@@ -269,7 +287,7 @@ class OpenVINOEngine(Engine):
     def vocabulary_size(self) -> int:
         return self._vocabulary_size
 
-    def _generate(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[tuple[int, float]]:
+    def _generate(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[tuple[Any, ...]]:
         import numpy as np
         import openvino as ov
         import openvino_genai as ov_genai
@@ -277,8 +295,10 @@ class OpenVINOEngine(Engine):
         if self.options.all_logits:
             raise QwenrtError("an OpenVINO engine opened for logits (all_logits) does not generate")
         generation = self._generation_config(config)
+        # Before GenAI starts: the two prompts are not computed at once, on the same cores.
+        scoring = None if config.logprobs is None else self._open_scorer().start(prompt_ids, config.logprobs)
         if self._batcher is not None:
-            return self._batcher.submit(prompt_ids, generation)
+            return _scored(self._batcher.submit(prompt_ids, generation), scoring)
         ids = np.asarray([prompt_ids], dtype=np.int64)
         inputs = ov_genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
         relay = TokenRelay()
@@ -291,7 +311,18 @@ class OpenVINOEngine(Engine):
             def end(self) -> None:
                 pass
 
-        return relay.run(lambda: self._pipe.generate(inputs, generation, TokenStreamer()), "openvino-generate")
+        tokens = relay.run(lambda: self._pipe.generate(inputs, generation, TokenStreamer()), "openvino-generate")
+        return _scored(tokens, scoring)
+
+    def _open_scorer(self) -> _Scorer:
+        with self._scorer_lock:
+            if self._scorer is None:
+                if self._pipe is None and self._batcher is None:
+                    raise QwenrtError("the OpenVINO engine is closed")
+                # The plugin's copy of the weights reads the whole IR: its pages go back as it goes.
+                with mapped_pages.released_while_running(self.path / "openvino_model.bin"):
+                    self._scorer = _Scorer(self.path / "openvino_model.xml", self._properties)
+            return self._scorer
 
     def generate_batch(self, prompts: list[list[int]], config: GenerationConfig) -> tuple[float, list[list[int]]]:
         """Generate for several prompts of equal length at once (the write-up's batching).
@@ -390,6 +421,8 @@ class OpenVINOEngine(Engine):
             self._batcher.close()
             self._batcher = None
         self._pipe = self._model = self._request = None
+        # A generation still being scored keeps its own reference until it ends.
+        self._scorer = None
         super().close()
 
 
@@ -492,6 +525,131 @@ class _ContinuousBatcher:
             self._wake.notify()
         self._thread.join()
         self.pipe = None
+
+
+class _Scorer:
+    """The IR compiled a second time, beside GenAI's pipeline, for the log-probabilities GenAI
+    does not give: each step's raw logits (before penalties, temperature or a grammar), with the
+    engine's own settings (precision, threads, dynamic quantisation) but its KV cache's
+    (SCORER_SETTINGS).
+
+    Its memory: the CPU plugin copies the weights into its own layout for each compiled model,
+    so from the first request that asks for log-probabilities until the engine closes the
+    scorer holds a second copy of them (BENCHMARKS.md, "Log-probabilities on OpenVINO"); and
+    each scored generation a KV cache of its own (float32, 4 times a u8 cache). The logits are sliced
+    to the last position before the output projection, as GenAI does, so that a long prompt
+    makes one row of logits, not one per token (600 kB each with Qwen's vocabulary).
+    """
+
+    def __init__(self, ir: Path, properties: dict[str, Any]) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(ir)
+        # Where the output projection is not found, the prompt goes in pieces, the last row of each kept.
+        self._piece = None if _slice_to_last_position(model) else UNSLICED_PIECE
+        self._model = core.compile_model(model, "CPU", {**properties, **SCORER_SETTINGS})
+        self._inputs = {name for port in self._model.inputs for name in port.get_names()}
+        self.start([0], 0)  # the plugin copies the weights at the first inference, while the caller releases pages
+
+    def start(self, prompt_ids: list[int], alternatives: int) -> _Scoring:
+        """A generation's scoring: its own infer request, so its own KV cache, fed ``prompt_ids``."""
+        return _Scoring(self, prompt_ids, alternatives)
+
+    def feed(self, request: Any, token_ids: list[int], position: int) -> np.ndarray:
+        """Feed ``token_ids`` at ``position`` on (after ``position`` tokens in ``request``'s cache);
+        the next-token logits of the last one, float32."""
+        import numpy as np
+
+        step = self._piece or len(token_ids)
+        for start in range(0, len(token_ids), step):
+            piece = np.asarray([token_ids[start : start + step]], dtype=np.int64)
+            end = position + start + piece.shape[1]
+            feeds = {"input_ids": piece, "attention_mask": np.ones((1, end), dtype=np.int64),
+                     "position_ids": np.arange(position + start, end, dtype=np.int64)[None, :],
+                     "beam_idx": np.zeros(1, dtype=np.int32)}  # fmt: skip
+            request.infer({name: value for name, value in feeds.items() if name in self._inputs})
+        return np.array(request.get_tensor("logits").data[0, -1], dtype=np.float32)
+
+    def new_request(self) -> Any:
+        return self._model.create_infer_request()
+
+
+class _Scoring:
+    """One generation's log-probabilities, token by token: the logits that predict the next token
+    are kept, and a token is fed only when the one after it is scored (never after the last)."""
+
+    def __init__(self, scorer: _Scorer, prompt_ids: list[int], alternatives: int) -> None:
+        self._scorer = scorer
+        self._request = scorer.new_request()
+        self._request.reset_state()
+        self._alternatives = alternatives
+        self._logits = scorer.feed(self._request, prompt_ids, 0)
+        self._fed = len(prompt_ids)
+        self._unfed: int | None = None
+
+    def score(self, token_id: int) -> TokenLogprobs:
+        if self._unfed is not None:
+            self._logits = self._scorer.feed(self._request, [self._unfed], self._fed)
+            self._fed += 1
+        logprobs, top = step_logprobs(self._logits, self._alternatives)
+        self._unfed = token_id
+        return TokenLogprobs(float(logprobs[token_id]), top)
+
+
+def _scored(tokens: Iterator[tuple[int, float]], scoring: _Scoring | None) -> Iterator[tuple[Any, ...]]:
+    """GenAI's tokens, each with its log-probabilities when a scoring is given.
+
+    Scored on the thread that reads the tokens, in turn (GenAI may hand over several at once).
+    GenAI does not wait for this: its loop queues tokens for its streamer and decodes on, so
+    while a token is scored the next one is being decoded on the same cores."""
+    if scoring is None:
+        return tokens
+    return _score_each(tokens, scoring)
+
+
+def _score_each(tokens: Iterator[tuple[int, float]], scoring: _Scoring) -> Iterator[tuple[int, float, TokenLogprobs]]:
+    try:
+        for token_id, _ in tokens:
+            logprobs = scoring.score(token_id)
+            # The token reaches the reader now, with its log-probabilities: timings count the scoring.
+            yield token_id, time.perf_counter(), logprobs
+    finally:
+        tokens.close()  # cancels GenAI's generation, when the reader stops early
+
+
+# The scorer's settings over the engine's. A quantised KV cache (u8 is the plugin's default on
+# x86) makes a step's logits depend on how the tokens before it were stored, far from the whole
+# sequence read at once (window_logits); float32 keeps them within float rounding. Dynamic
+# quantisation stays, for speed, at a price in agreement: its kernels for one row and for many
+# round apart, so that with real weights a step's log-probabilities differ from window_logits' by
+# tenths, as llama.cpp's do from its own (BENCHMARKS.md, "Log-probabilities on OpenVINO").
+SCORER_SETTINGS: dict[str, Any] = {KV_CACHE_PRECISION: "f32"}
+
+
+# Prompt tokens fed at a time where the logits cannot be sliced to the last position: 150 MB of
+# logits with Qwen's vocabulary.
+UNSLICED_PIECE = 256
+
+
+def _slice_to_last_position(model: Any) -> bool:
+    """Compute the logits of the last position only, as GenAI's pipelines do with the same IR:
+    a Slice of the hidden states before the output projection. Returns False where the IR's
+    logits do not come from a MatMul (through Converts), and leaves the model as it was."""
+    import numpy as np
+    import openvino as ov
+
+    logits = next((port for port in model.outputs if "logits" in port.get_names()), None)
+    node = logits.get_node().input_value(0).get_node() if logits is not None else None
+    while node is not None and node.get_type_name() == "Convert":
+        node = node.input_value(0).get_node()
+    if node is None or node.get_type_name() != "MatMul" or node.get_input_partial_shape(0).rank != 3:
+        return False
+    hidden = node.input_value(0)
+    last = ov.opset8.slice(hidden, *(np.array([value], dtype=np.int64) for value in (-1, np.iinfo(np.int64).max, 1, 1)))
+    node.input(0).replace_source_output(last.output(0))
+    model.validate_nodes_and_infer_types()
+    return True
 
 
 # How far a weight constant may sit from its consumer: through Convert, Subtract, Multiply

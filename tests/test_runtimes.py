@@ -629,6 +629,28 @@ def test_demo_model_prompt_ids_equal_between_engines(demo_engines: dict) -> None
     assert len(im_start) == 1 and demo_engines["gguf"].chat_prompt_ids(FORGED).count(im_start[0]) == 3
 
 
+@pytest.mark.real_weights
+def test_demo_model_every_token_has_the_same_bytes_in_both_engines(demo_engines: dict) -> None:
+    """Qwen's vocabulary has tokens longer than 32 bytes (runs of spaces, as in indented code),
+    which llama-cpp-python's own detokenize returns empty (its issue 2362)."""
+    gguf, openvino = demo_engines["gguf"], demo_engines["openvino"]
+    assert gguf.vocabulary_size == openvino.vocabulary_size
+    long = [i for i in range(gguf.vocabulary_size) if len(openvino.token_bytes(i)) > 32]
+    assert len(long) > 100
+    import llama_cpp
+
+    vocab = gguf._llm._model.vocab
+    differ = [i for i in range(gguf.vocabulary_size) if gguf.token_bytes(i) != openvino.token_bytes(i)]
+    # llama.cpp makes text tokens that look like an end ("</s>", id 128247 in Qwen's) control
+    # tokens, which an answer's text leaves out; every other token has the same bytes.
+    assert all(llama_cpp.llama_vocab_is_control(vocab, i) for i in differ)
+    assert all(gguf.token_spelling(i) == openvino.token_spelling(i) for i in differ)
+    assert len(differ) < 5
+    indented = "def f():\n" + " " * 48 + "return 1"
+    ids = gguf.tokenize_text(indented)
+    assert b"".join(gguf.token_bytes(i) for i in ids).decode() == indented
+
+
 # --- the transformers baseline (a third engine, one module) -------------------------------
 
 

@@ -167,11 +167,26 @@ class LlamaCppEngine(Engine):
     def token_bytes(self, token_id: int) -> bytes:
         piece = self._piece_cache.get(token_id)
         if piece is None:
-            piece = self._piece_cache[token_id] = self._llm.detokenize([token_id], special=False)
+            piece = self._piece_cache[token_id] = self._piece(token_id, special=False)
         return piece
 
     def token_spelling(self, token_id: int) -> bytes:
-        return self._llm.detokenize([token_id], special=True)
+        return self._piece(token_id, special=True)
+
+    def _piece(self, token_id: int, special: bool) -> bytes:
+        """A token's bytes, however long. llama-cpp-python's ``detokenize`` gives llama.cpp a
+        32-byte buffer and reads its "too small" answer (the size needed, negated) as empty, so
+        Qwen's longer tokens (runs of 33 spaces and more, as in indented code) vanished from
+        answers (https://github.com/abetlen/llama-cpp-python/issues/2362, fix proposed in #2363)."""
+        import llama_cpp
+
+        vocab, token = self._llm._model.vocab, llama_cpp.llama_token(token_id)
+        buffer = ctypes.create_string_buffer(64)
+        written = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, special)
+        if written < 0:  # the size it needs
+            buffer = ctypes.create_string_buffer(-written)
+            written = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, special)
+        return buffer.raw[: max(written, 0)]
 
     @property
     def vocabulary_size(self) -> int:

@@ -1,4 +1,4 @@
-"""`qwenrt serve` under load: closed-loop clients, open-loop arrivals, and constrained decoding.
+"""`qwenrt serve` under load: closed-loop clients, open-loop arrivals, constrained decoding, log-probabilities.
 
 For each engine a real server runs on the demo model (its own process, as deployed).
 
@@ -11,6 +11,8 @@ For each engine a real server runs on the demo model (its own process, as deploy
   tokens within --slo-inter-token).
 - Constrained decoding: the same request with and without a JSON schema, interleaved;
   decode tokens/s from the server's own timings (issue 18's target: at most 10 % lower).
+- Log-probabilities: the same request with and without ``logprobs`` and 20 alternatives a
+  token, interleaved; what they cost each engine's decode and first token.
 
 Percentiles are compare's (qwenrt.compare.stats). The load generator is deliberately thin
 (raw SSE lines over httpx, no JSON parsing but the last chunks) because it shares the
@@ -219,24 +221,46 @@ LANGUAGES_SCHEMA = {"type": "object", "properties": {"languages": {"type": "arra
     "required": ["name", "description"]}}}, "required": ["languages"]}  # fmt: skip
 
 
+async def interleaved(url: str, prompt: str, variants: dict[str, dict[str, Any]], repeat: int,
+                      max_tokens: int) -> dict[str, Any]:  # fmt: skip
+    """One stream at a time, the variants of one request in turn, ``repeat`` rounds after a warm-up
+    of each: decode tok/s from the server's timings and first token as the client saw it."""
+    rates: dict[str, list[float]] = {label: [] for label in variants}
+    firsts: dict[str, list[float]] = {label: [] for label in variants}
+    tokens: dict[str, list[int]] = {label: [] for label in variants}
+    async with httpx.AsyncClient(timeout=600) as client:
+        for extra in variants.values():
+            await one_request(client, url, prompt, 8, extra)  # a grammar compiled, a scorer loaded, once
+        for _ in range(repeat):
+            for label, extra in variants.items():
+                result = await one_request(client, url, prompt, max_tokens, extra)
+                rates[label].append(result["server_decode_tps"])
+                firsts[label].append(result["first_token"] * 1000)
+                tokens[label].append(result["tokens"])
+    return {"repeat": repeat, "max_tokens": max_tokens, "decode_tps": rates, "first_token_ms": firsts,
+            "tokens": tokens}  # fmt: skip
+
+
 async def constrained_against_free(url: str, repeat: int, max_tokens: int) -> dict[str, Any]:
     """Decode tokens/s of one stream, with and without the schema, interleaved (server timings)."""
     constrained = {"response_format": {"type": "json_schema",
                                        "json_schema": {"name": "languages", "schema": LANGUAGES_SCHEMA}},
                    "ignore_eos": False}  # fmt: skip
-    rates: dict[str, list[float]] = {"free": [], "json_schema": []}
-    tokens: dict[str, list[int]] = {"free": [], "json_schema": []}
-    async with httpx.AsyncClient(timeout=600) as client:
-        await one_request(client, url, LANGUAGES_PROMPT, 8, constrained)  # warm-up, grammar compiled once
-        for _ in range(repeat):
-            for label, extra in (("free", {"ignore_eos": False}), ("json_schema", constrained)):
-                result = await one_request(client, url, LANGUAGES_PROMPT, max_tokens, extra)
-                rates[label].append(result["server_decode_tps"])
-                tokens[label].append(result["tokens"])
-    free, held = statistics.median(rates["free"]), statistics.median(rates["json_schema"])
-    return {"repeat": repeat, "max_tokens": max_tokens, "decode_tps": rates, "tokens": tokens,
-            "free_decode_tps_median": round(free, 2), "json_schema_decode_tps_median": round(held, 2),
-            "cost_share": round(1 - held / free, 4)}  # fmt: skip
+    row = await interleaved(url, LANGUAGES_PROMPT, {"free": {"ignore_eos": False}, "json_schema": constrained},
+                            repeat, max_tokens)  # fmt: skip
+    free, held = (statistics.median(row["decode_tps"][label]) for label in ("free", "json_schema"))
+    return row | {"free_decode_tps_median": round(free, 2), "json_schema_decode_tps_median": round(held, 2),
+                  "cost_share": round(1 - held / free, 4)}  # fmt: skip
+
+
+async def logprobs_against_plain(url: str, repeat: int, max_tokens: int) -> dict[str, Any]:
+    """The same request with and without 20 log-probability alternatives a token."""
+    row = await interleaved(url, LANGUAGES_PROMPT, {"plain": {}, "logprobs": {"logprobs": True, "top_logprobs": 20}},
+                            repeat, max_tokens)  # fmt: skip
+    medians = {label: round(statistics.median(values), 2) for label, values in row["decode_tps"].items()}
+    firsts = {label: round(statistics.median(values), 1) for label, values in row["first_token_ms"].items()}
+    return row | {"decode_tps_median": medians, "first_token_ms_median": firsts,
+                  "decode_share": round(medians["logprobs"] / medians["plain"], 4)}  # fmt: skip
 
 
 def single_stream_pipelines(model: Path, threads: int, tokens: int, repeat: int) -> dict[str, Any]:
@@ -302,12 +326,15 @@ def main() -> None:
                                                        args.slo_first_token, args.slo_inter_token)))  # fmt: skip
             log(f"{runtime}: constrained decoding")
             constrained = asyncio.run(constrained_against_free(server.url, args.constrained_repeat, 128))
+            log(f"{runtime}: log-probabilities")
+            logprobs = asyncio.run(logprobs_against_plain(server.url, args.constrained_repeat, 128))
             health = server.health()
             peak = server.peak_rss()
         finally:
             exit_code = server.stop()
         results["servers"][runtime] = {"rows": rows, "open_loop": open_rows, "constrained": constrained,
-                                       "peak_rss_bytes": peak, "health": health, "exit_code": exit_code}  # fmt: skip
+                                       "logprobs": logprobs, "peak_rss_bytes": peak, "health": health,
+                                       "exit_code": exit_code}  # fmt: skip
     results["single_stream"] = single_stream_pipelines(model, threads, args.max_tokens, repeat=5)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     markdown = render(results)
@@ -357,7 +384,17 @@ def render(results: dict[str, Any]) -> str:
         row = server["constrained"]
         lines.append(f"| {runtime} | {row['free_decode_tps_median']:.1f} | {row['json_schema_decode_tps_median']:.1f} "
                      f"| {row['cost_share'] * 100:+.1f} % |")  # fmt: skip
-    lines += ["", "| engine | server peak RSS (MB) | peak generations at once | exit code on SIGTERM |",
+    lines += ["", "Log-probabilities (one stream, the same request with and without `logprobs` and 20 alternatives a "
+              "token, interleaved; medians):", "",
+              "| engine | decode tok/s without | with | with / without | first token without / with (ms) |",
+              "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for runtime, server in results["servers"].items():
+        row = server["logprobs"]
+        rates, firsts = row["decode_tps_median"], row["first_token_ms_median"]
+        lines.append(f"| {runtime} | {rates['plain']:.1f} | {rates['logprobs']:.1f} | {row['decode_share']:.2f} "
+                     f"| {firsts['plain']:.0f} / {firsts['logprobs']:.0f} |")  # fmt: skip
+    lines += ["", "Server peak RSS: OpenVINO's includes the log-probability scorer (a second copy of the weights).", "",
+              "| engine | server peak RSS (MB) | peak generations at once | exit code on SIGTERM |",
               "|---|---:|---:|---:|"]  # fmt: skip
     for runtime, server in results["servers"].items():
         lines.append(

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_PROMPT ?= Write a Python quicksort function
 
-.PHONY: install demo test test-fast test-real lint bench bench-serve clean
+.PHONY: install demo test test-fast test-real lint bench bench-serve bench-bundle clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,12 @@ bench: install
 bench-serve: install
 	$(BIN)/qwenrt convert demo
 	$(BIN)/python bench/serve_load.py
+
+# qwenrt bundle's targets: size, offline install time, portable llama.cpp against native (as root:
+# unshare --net): bench/bundle.json and .md (about 10 minutes; the first run also builds the portable wheel).
+bench-bundle: install
+	$(BIN)/qwenrt convert demo
+	$(BIN)/python bench/bundle.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

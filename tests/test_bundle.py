@@ -80,6 +80,23 @@ def test_bundle_holds_wheels_model_and_installer(tiny_bundle: Path, tiny_model: 
     assert verify.verify(tiny_bundle) == len(info["wheels"]) + len(listed)
 
 
+def test_bundle_as_a_tar_unpacks_into_the_same_folder(tiny_model: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    import tarfile
+
+    out = tmp_path / "tiny.tar"
+    result = subprocess.run([*QWENRT, "bundle", "--model", str(tiny_model), "--out", str(out)], capture_output=True,
+                            text=True, env=_env(QWENRT_HOME=str(USER_CACHE)), timeout=1800)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"tar xf {out}" in result.stdout
+    with tarfile.open(out) as archive:
+        names = set(archive.getnames())
+    expected = {"install.sh", "verify.py", "bundle.json", "README.md", "model/manifest.json"}
+    assert {f"tiny/{name}" for name in expected} <= names
+    wheels = {Path(name).name for name in names if name.startswith("tiny/wheels/")}
+    assert wheels == {p.name for p in (tiny_bundle / "wheels").glob("*.whl")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.tar"]  # no staging folder, no partial tar
+
+
 def test_portable_wheel_carries_every_cpu_variant(tiny_bundle: Path) -> None:
     import zipfile
 

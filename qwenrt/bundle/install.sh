@@ -51,7 +51,9 @@ fi
 
 say "installing into $DIR (wheels from the bundle only) …"
 "$PYTHON" -m venv "$DIR"
-"$DIR/bin/python" -m pip install --quiet --no-index --no-deps --disable-pip-version-check --no-compile "$HERE"/wheels/*.whl \
+# --force-reinstall: over an earlier install, a rebuilt qwenrt of the same version still replaces the old one.
+"$DIR/bin/python" -m pip install --quiet --no-index --no-deps --force-reinstall --disable-pip-version-check \
+    "$HERE"/wheels/*.whl \
     || fail "pip could not install the bundle's wheels (see above)"
 
 MODEL_NAME=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["model"]["name"])' "$HERE/bundle.json")

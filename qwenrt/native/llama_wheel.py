@@ -85,11 +85,14 @@ def cmake_args(portable: bool) -> str:
 
 
 def build_key(portable: bool = False) -> str:
-    # The wheel is tagged py3 (llama-cpp-python loads its libraries through ctypes), yet the
-    # Python stays in the key of native builds as before; a portable build is for any CPU and
-    # any Python 3 of the architecture.
-    host = ["portable"] if portable else [sys.implementation.cache_tag or "", cpu_identity()]
-    parts = [local_version(portable), cmake_args(portable), platform.machine(), *host]
+    if portable:
+        # For any CPU, and any Python 3 (the wheel is tagged py3: llama-cpp-python loads its
+        # libraries through ctypes).
+        parts = [local_version(True), cmake_args(True), platform.machine(), "portable"]
+    else:
+        # In this order since the first native build: the wheels cached by it stay found.
+        parts = [local_version(), cmake_args(False), sys.implementation.cache_tag or "", platform.machine(),
+                 cpu_identity()]  # fmt: skip
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

@@ -8,6 +8,8 @@ best prefill of 3; rounds interleave the settings so that a busy moment hits all
 
     python bench/llama_ubatch.py            # -> bench/llama_ubatch.json
     python bench/llama_ubatch.py --long     # -> bench/llama_ubatch_long.json
+    python bench/llama_ubatch.py --long --ubatches 512,256,64 --prompts 512,2048,3500 \
+        --out bench/llama_ubatch_amx.json   # the AMX host's run
 
 ``--long`` measures through qwenrt's own engine and `compare`'s cell instead of a bare
 loop (qwenrt's peak is lower: it samples in its own code), at 1024, 2048 and 3500 prompt
@@ -84,12 +86,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     parser.add_argument("--long", action="store_true", help="long prompts, through qwenrt's engine")
+    parser.add_argument("--ubatches", default=None, help="micro-batch sizes, e.g. 512,256,64 [default: per mode]")
+    parser.add_argument("--prompts", default=None, help="prompt lengths, e.g. 512,2048,3500 [default: per mode]")
     parser.add_argument("--cell", nargs=2, type=int, metavar=("N_UBATCH", "PROMPT_TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
         print(json.dumps((qwenrt_cell if args.long else cell)(args.model, *args.cell)))
         return
     ubatches, prompts = (LONG_UBATCHES, LONG_PROMPTS) if args.long else (UBATCHES, PROMPTS)
+    if args.ubatches:
+        ubatches = tuple(int(size) for size in args.ubatches.split(","))
+    if args.prompts:
+        prompts = tuple(int(length) for length in args.prompts.split(","))
     if args.long:
         from run import prompt_of
 

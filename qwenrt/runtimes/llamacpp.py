@@ -70,6 +70,12 @@ class LlamaCppEngine(Engine):
              lambda host: (True, False), lambda host: True),
         Knob(FLASH_ATTENTION, "llama.cpp's fused attention kernel", lambda host: (False, True), lambda host: False),
         Knob(N_UBATCH, "prompt tokens computed at a time", lambda host: (64, 256, 512), lambda host: 512, rules=(
+            # llama.cpp's AMX kernels gain from micro-batches of more than 64 tokens, and with the
+            # weights repacked into their own buffer (the GGUF's pages handed back) a 256-token
+            # micro-batch keeps a 3,500-token prompt's peak within 1.3x the GGUF too (BENCHMARKS.md,
+            # "llama.cpp micro-batch size", the AMX host).
+            Rule(256, "prefills faster with llama.cpp's AMX kernels, peak memory still within 1.3x the GGUF "
+                 "(measured)", lambda host: host.has("amx_int8")),
             # Its compute buffer holds a micro-batch's attention scores against the context: with 64,
             # a long prompt's peak stays within 1.3x the GGUF for no measurable prefill (BENCHMARKS.md,
             # "llama.cpp micro-batch size").

@@ -33,7 +33,9 @@ PROMPT_TOKENS, NEW_TOKENS, THREADS = 512, 128, 2
 
 def measure_llama(model: Path) -> dict:
     """In this process: which CPU backend, prefill and decode tokens/s (best of 3)."""
+    import llama_cpp
     from llama_cpp import Llama
+    from tune_engines import llama_prefill_decode
 
     from qwenrt.manifest import GGUF_KEY, artifact_files
     from qwenrt.runtimes.llamacpp import cpu_backend_variant, load_cpu_backend
@@ -41,20 +43,7 @@ def measure_llama(model: Path) -> dict:
     load_cpu_backend()
     path = artifact_files(model, GGUF_KEY)[0]
     llm = Llama(str(path), n_threads=THREADS, n_threads_batch=THREADS, n_ctx=1024, verbose=False)
-    ids = llm.tokenize(("hello world " * 300).encode())[:PROMPT_TOKENS]
-    best = (0.0, 0.0)
-    for _ in range(3):
-        llm.reset()
-        started = time.perf_counter()
-        llm.eval(ids)
-        token = llm.sample(temp=0.0)
-        first = time.perf_counter()
-        for _ in range(NEW_TOKENS):
-            llm.eval([token])
-            token = llm.sample(temp=0.0)
-        best = max(best, (PROMPT_TOKENS / (first - started), NEW_TOKENS / (time.perf_counter() - first)))
-    import llama_cpp
-
+    best = llama_prefill_decode(llm, PROMPT_TOKENS, NEW_TOKENS)
     return {"build": llama_cpp.__version__, "cpu_backend": cpu_backend_variant() or "linked in (native)",
             "prefill_tps": round(best[0], 1), "decode_tps": round(best[1], 2)}  # fmt: skip
 

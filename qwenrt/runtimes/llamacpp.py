@@ -527,8 +527,7 @@ def _repacks_into_amx(extra_buffer_types: bool | None) -> bool:
         return False
     import llama_cpp
 
-    load_cpu_backend()
-    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()  # the CPU backend is loaded by then
 
 
 @contextmanager

@@ -322,6 +322,15 @@ def test_bundle_of_a_folder_without_manifest_is_refused(tmp_path: Path) -> None:
     assert result.returncode != 0 and "manifest" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_bundle_into_a_folder_that_cannot_be_made_is_one_line(tiny_model: Path) -> None:
+    result = subprocess.run([*QWENRT, "bundle", "--model", str(tiny_model), "--out", "/proc/no-such/bundle"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "qwenrt: error: cannot write the bundle in /proc/no-such: No such file or directory"
+    ]
+
+
 def test_bundle_refuses_an_existing_out(tiny_model: Path, tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     result = subprocess.run([*QWENRT, "bundle", "--model", str(tiny_model), "--out", str(tmp_path / "b")],

@@ -72,7 +72,10 @@ def build_bundle(
     if out.exists() and not force:
         raise BundleError(f"{out} exists; remove it, choose another --out, or pass --force")
     as_tar = out.suffix == ".tar"
-    staging = make_staging(out.parent / (out.stem if as_tar else out.name))
+    try:
+        staging = make_staging(out.parent / (out.stem if as_tar else out.name))
+    except OSError as exc:
+        raise BundleError(f"cannot write the bundle in {out.parent}: {exc.strerror or exc}") from None
     try:
         log(f"checking {model_dir.name}'s files against its manifest …")
         model_bytes = _copy_model(model_dir, artifacts, staging / verify.MODEL_DIR)

@@ -581,7 +581,8 @@ def tune(model: Path | None, runtimes: str, objective: str, rounds: int, dry_run
         start, key = starting_config(engine, model_dir)
         if dry_run:
             click.echo(
-                "\n" + report.render_plan(engine.name, key.engine_build, plan(engine, goal), start, goal, rounds)
+                "\n"
+                + report.render_plan(engine.name, key.engine_build, plan(engine, goal, model_dir), start, goal, rounds)
             )
             continue
         result = tune_engine(engine, model_dir, goal, rounds=rounds, progress=progress)

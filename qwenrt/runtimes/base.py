@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from qwenrt.errors import ModelNotFoundError, QwenrtError
 from qwenrt.manifest import artifact_files, trained_context_length
 from qwenrt.runtimes.chat_template import Message, render_chat
-from qwenrt.runtimes.settings import Knob, ResolvedSettings, resolve
+from qwenrt.runtimes.settings import Combination, Knob, ResolvedSettings, resolve
 from qwenrt.runtimes.threads import ThreadPlan
 
 if TYPE_CHECKING:
@@ -212,6 +212,8 @@ class Engine(ABC):
     packages: ClassVar[tuple[str, ...]] = ()
     # The settings qwenrt may choose per host, with their candidates and rules.
     knobs: ClassVar[tuple[Knob, ...]] = ()
+    # Values of several knobs that are faster only together, which tune tries as a whole.
+    combinations: ClassVar[tuple[Combination, ...]] = ()
     # Settings that avoid crashes seen on some CPUs, tried in order when the probe crashes.
     safe_fallbacks: ClassVar[tuple[SafeFallback, ...]] = ()
     # What a generation may ask beyond temperature, top-p, top-k, a seed and stop strings:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from qwenrt.errors import ArtifactError, QwenrtError
 from qwenrt.host import Host
-from qwenrt.manifest import OPENVINO_KEY
+from qwenrt.manifest import OPENVINO_KEY, read_manifest
 from qwenrt.runtimes import mapped_pages
 from qwenrt.runtimes.base import (
     MAX_TOP_LOGPROBS,
@@ -49,7 +49,7 @@ from qwenrt.runtimes.base import (
 from qwenrt.runtimes.byte_vocab import control_token_spellings, token_byte_table
 from qwenrt.runtimes.grammar import after_literal
 from qwenrt.runtimes.probe import SafeFallback
-from qwenrt.runtimes.settings import Knob, ResolvedSettings, Rule
+from qwenrt.runtimes.settings import Combination, Knob, ResolvedSettings, Rule
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,6 +58,9 @@ PRECISION = "INFERENCE_PRECISION_HINT"
 KV_CACHE_PRECISION = "KV_CACHE_PRECISION"
 DYNAMIC_QUANTIZATION = "DYNAMIC_QUANTIZATION_GROUP_SIZE"
 DYNAMIC_QUANTIZATION_GROUP_SIZE = 128
+# A group longer than any row of the model: one scale per token, which the plugin's fused AMX
+# kernels require (AMX_INT8_MLP below).
+PER_TOKEN = 2**32 - 1
 
 
 @cache
@@ -86,6 +89,23 @@ def _cache_precisions(host: Host) -> tuple[str, ...]:
     # turns off; the candidates are those that run with every precision.
     return ("u8", "f16", "f32")
 
+
+def _amx_mlp_applies(host: Host, model_dir: Path) -> bool:
+    symmetric = read_manifest(model_dir).get("artifacts", {}).get(OPENVINO_KEY, {}).get("symmetric") is True
+    return symmetric and host.has("amx_int8") and host.has("amx_bf16") and "BF16" in _capabilities()
+
+
+# The CPU plugin runs a layer's whole MLP (gate, up, SiLU, down) as one AMX INT8 kernel only
+# for symmetric INT8 weights, bf16 arithmetic and per-token activation scales (openvino
+# src/plugins/intel_cpu/src/transformations/cpu_opset/x64/pass/mlp_fusion.cpp, nodes/llm_mlp.cpp).
+# Alone, bf16 is slower than f32 and per-token scales no faster than groups of 128; together
+# they shorten a short prompt's first token, at a cost in decode (BENCHMARKS.md, "Hosts").
+# A bf16 cache needs bf16 arithmetic and an f32 cache refuses it: u8, the plugin's own.
+AMX_INT8_MLP = Combination(
+    "AMX INT8 MLP", {PRECISION: "bf16", KV_CACHE_PRECISION: "u8", DYNAMIC_QUANTIZATION: PER_TOKEN},
+    "the CPU plugin's fused AMX INT8 MLP kernel runs only with bf16 arithmetic and per-token scales, on "
+    "symmetric INT8 weights", _amx_mlp_applies,
+)  # fmt: skip
 
 REQUIRED_FILES = {
     "openvino_model.xml": "the model graph",
@@ -125,6 +145,7 @@ class OpenVINOEngine(Engine):
                       "Intel Xeon)", lambda host: host.machine in ("x86_64", "AMD64")),
              )),
     )  # fmt: skip
+    combinations = (AMX_INT8_MLP,)
     safe_fallbacks = (
         SafeFallback({PRECISION: "f32", DYNAMIC_QUANTIZATION: 0}, "bf16/f16 arithmetic and dynamic quantisation"),
     )

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from qwenrt.host import Host
 
 Origin = Literal["command line", "profile", "rule", "engine default"]
@@ -55,6 +57,21 @@ class Knob:
 
     def rule_for(self, host: Host) -> Rule | None:
         return next((rule for rule in self.rules if rule.applies(host)), None)
+
+
+@dataclass(frozen=True)
+class Combination:
+    """Values of several knobs that pay only together, where each one alone is slower.
+
+    ``qwenrt tune`` changes one knob at a time, which cannot find such a point by itself: it
+    tries each combination that ``applies`` to the host and model folder as one more step,
+    after the knobs.
+    """
+
+    name: str
+    values: Mapping[str, Any]
+    why: str
+    applies: Callable[[Host, Path], bool]
 
 
 @dataclass(frozen=True)

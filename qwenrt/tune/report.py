@@ -8,7 +8,7 @@ from typing import Any
 from tabulate import tabulate
 
 from qwenrt.host import Host
-from qwenrt.tune.search import Candidate, Objective, Step, TuneResult
+from qwenrt.tune.search import Candidate, Objective, PlannedStep, Step, TuneResult, choice_text
 
 
 def host_line(host: Host) -> str:
@@ -16,15 +16,27 @@ def host_line(host: Host) -> str:
     return f"{host.cpu} · {host.physical_cores} physical cores · {features} · host key {host.key}"
 
 
-def render_plan(engine: str, build: str, steps: list[tuple[str, tuple[Any, ...]]], start: dict[str, Any],
-                objective: Objective, rounds: int) -> str:  # fmt: skip
-    rows = [[name, _value(start.get(name)), ", ".join(_value(v) for v in values)] for name, values in steps]
-    trials = 2 + sum(len(values) - 1 for _, values in steps)  # the start, each new value, the engine's defaults
+def render_plan(engine: str, build: str, steps: list[PlannedStep], start: dict[str, Any], objective: Objective,
+                rounds: int) -> str:  # fmt: skip
+    rows = [[step.name, _start(step, start), ", ".join(_option(step, option) for option in step.options)]
+            for step in steps]  # fmt: skip
+    # The start, each value that changes it, the engine's defaults.
+    trials = 2 + sum(len(step.configs(start)) - 1 for step in steps)
     return "\n".join([
         f"{engine} ({build}): starts from qwenrt's rules, one setting at a time; {rounds} interleaved rounds of "
         f"'{objective.description}'; then against the engine's own defaults (about {trials} candidate processes)",
         tabulate(rows, headers=["setting", "start", "candidates"], tablefmt="simple"),
     ])  # fmt: skip
+
+
+def _start(step: PlannedStep, start: dict[str, Any]) -> str:
+    return "the settings found so far" if step.combination else _value(start.get(step.name))
+
+
+def _option(step: PlannedStep, option: dict[str, Any]) -> str:
+    if not step.combination:
+        return _value(option[step.name])
+    return ", ".join(f"{name}={_value(value)}" for name, value in option.items())
 
 
 def _value(value: Any) -> str:
@@ -44,10 +56,7 @@ def _rounds(candidate: Candidate) -> str:
 def step_rows(step: Step, objective: Objective) -> list[list[str]]:
     rows = []
     for index, candidate in enumerate(step.candidates):
-        if candidate.config.get("engine_defaults"):
-            value = "the engine's own defaults"
-        else:
-            value = _value(candidate.config.get(step.knob))
+        value = choice_text(step.knob, candidate, None if index == 0 else step.candidates[0])
         chosen = candidate is step.chosen
         rows.append([step.knob if index == 0 else "", value + (" ◀" if chosen else ""),
                      _figure(candidate, objective), _rounds(candidate)])  # fmt: skip
@@ -64,8 +73,8 @@ def render_result(result: TuneResult, saved: str | None) -> str:
              tabulate(rows, headers=headers, tablefmt="simple")]  # fmt: skip
     for step in result.steps:
         lines.append(f"  {step.knob}: {step.why}")
-        lines += [f"    {_value(c.config.get(step.knob))} failed: {c.failed}" for c in step.candidates
-                  if c.failed and not c.signal]  # fmt: skip
+        lines += [f"    {choice_text(step.knob, c, None if c is step.candidates[0] else step.candidates[0])} "
+                  f"failed: {c.failed}" for c in step.candidates if c.failed and not c.signal]  # fmt: skip
     if result.versus_defaults is not None:
         versus = result.versus_defaults
         lines.append(f"  against the engine's own defaults: {versus.why}")

@@ -38,6 +38,7 @@ MIN_GAIN = 0.01  # a candidate must beat the current value by more than this, in
 LOAD_TIMEOUT_S = 600.0
 MEASURE_TIMEOUT_S = 300.0
 ENGINE_DEFAULTS = {"engine_defaults": True}
+VERSUS_DEFAULTS = "engine defaults"  # the last step's name: the settings found against the engine's own
 
 
 @dataclass(frozen=True)
@@ -133,13 +134,31 @@ def thread_candidates(host: Host) -> tuple[int, ...]:
     return tuple(sorted({*(2**i for i in range(cores.bit_length()) if 2**i <= cores), cores}))
 
 
-def plan(engine: type[Engine], objective: Objective, host: Host | None = None) -> list[tuple[str, tuple[Any, ...]]]:
-    """The steps of the search: each setting with the values it will try."""
+@dataclass(frozen=True)
+class PlannedStep:
+    """One step of the search: a setting and the values it tries, or several settings tried at once."""
+
+    name: str
+    options: tuple[dict[str, Any], ...]  # each candidate's changes to the configuration so far
+    combination: bool = False
+
+    def configs(self, current: dict[str, Any]) -> list[dict[str, Any]]:
+        """The current configuration first, then each option that changes it."""
+        changed = [{**current, **option} for option in self.options]
+        return [current, *(config for config in changed if config != current)]
+
+
+def plan(engine: type[Engine], objective: Objective, model_dir: Path, host: Host | None = None) -> list[PlannedStep]:
+    """The steps of the search: each setting with the values it will try, then the engine's
+    combinations that apply to this host and model."""
     host = host or this_host()
-    steps: list[tuple[str, tuple[Any, ...]]] = [(THREADS, thread_candidates(host))]
+    steps = [PlannedStep(THREADS, tuple({THREADS: n} for n in thread_candidates(host)))]
     for knob in engine.knobs:
         if knob.objectives is None or objective.name in knob.objectives:
-            steps.append((knob.name, tuple(knob.candidates(host))))
+            steps.append(PlannedStep(knob.name, tuple({knob.name: value} for value in knob.candidates(host))))
+    for combination in engine.combinations:
+        if combination.applies(host, model_dir):
+            steps.append(PlannedStep(combination.name, (dict(combination.values),), combination=True))
     return steps
 
 
@@ -168,18 +187,18 @@ def tune_engine(
     record = ProbeRecord(key)
     pool = _WorkerPool(engine, model_dir, objective, key, record, progress)
     try:
-        for knob, values in plan(engine, objective):
-            configs = [current] + [{**current, knob: v} for v in values if v != current.get(knob)]
+        for planned in plan(engine, objective, model_dir):
+            configs = planned.configs(current)
             if len(configs) == 1:
                 continue
-            candidates = pool.run(configs, rounds, f"{engine.name} {knob}")
-            step = _choose(knob, candidates, objective)
+            candidates = pool.run(configs, rounds, f"{engine.name} {planned.name}")
+            step = _choose(planned.name, candidates, objective)
             steps.append(step)
-            progress(f"{engine.name} {knob}: {step.why}")
+            progress(f"{engine.name} {planned.name}: {step.why}")
             current = step.chosen.config
             pool.keep_only(current)
         candidates = pool.run([current, ENGINE_DEFAULTS], rounds, f"{engine.name} against its own defaults")
-        versus = _choose("engine defaults", candidates, objective)
+        versus = _choose(VERSUS_DEFAULTS, candidates, objective)
     finally:
         pool.close()
     # Tuned settings are kept even when the engine's own defaults measure the same: they are what
@@ -212,14 +231,22 @@ def _choose(knob: str, candidates: list[Candidate], objective: Objective) -> Ste
     rounds_won = sum(1 for new, old in zip(best.values, current.values, strict=False)
                      if new is not None and old is not None and objective.gain(new, old) > MIN_GAIN)  # fmt: skip
     rounds = min(len(best.values), len(current.values))
-    text = (f"{_value_text(best.config.get(knob), best)} {_median_text(best, objective)} against "
+    text = (f"{choice_text(knob, best, current)} {_median_text(best, objective)} against "
             f"{_median_text(current, objective)} ({gain:+.1%}), better by more than {MIN_GAIN:.0%} in {rounds_won} "
             f"of {rounds} rounds")  # fmt: skip
     if gain > MIN_GAIN and rounds_won * 2 > rounds:
         return Step(knob, candidates, best, f"changed to {text}")
-    return Step(
-        knob, candidates, current, f"kept {_value_text(current.config.get(knob), current)}: the best other, {text}"
-    )
+    return Step(knob, candidates, current, f"kept {choice_text(knob, current)}: the best other, {text}")
+
+
+def choice_text(step: str, candidate: Candidate, current: Candidate | None = None) -> str:
+    """A candidate's value of the step's setting; for a combination, the values it changes."""
+    if step in candidate.config or candidate.config.get("engine_defaults"):
+        return _value_text(candidate.config.get(step), candidate)
+    if current is None:
+        return "qwenrt's settings" if step == VERSUS_DEFAULTS else f"without {step}"
+    changes = {name: value for name, value in candidate.config.items() if current.config.get(name) != value}
+    return f"{step} ({_config_text(changes)})"
 
 
 def _median_text(candidate: Candidate, objective: Objective) -> str:

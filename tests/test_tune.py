@@ -128,6 +128,21 @@ def test_noise_never_moves_a_setting() -> None:
     assert _choose("threads", [crashed, better], goal).chosen is better
 
 
+def test_a_first_token_measurement_is_the_median_of_several_answers(tiny_model: Path) -> None:
+    from qwenrt.tune.trial import TrialSpec, TrialWorker
+
+    goal = OBJECTIVES["first-token"]
+    assert goal.repeat > 1
+    worker = TrialWorker(TrialSpec("openvino", str(tiny_model), {"threads": 1}, goal.scenario, goal.max_tokens,
+                                   goal.repeat))  # fmt: skip
+    try:
+        worker.wait_ready(300)
+        measured = worker.measure(300)
+    finally:
+        worker.close()
+    assert measured["generations"] == goal.repeat and measured["first_token_s"] > 0
+
+
 def test_thread_candidates_cover_small_boxes_fully_and_big_ones_sparsely() -> None:
     from dataclasses import replace
 

@@ -4,7 +4,8 @@ without paying for a load at every turn.
 
 The parent talks to it in JSON lines: the configuration on the first line of stdin, then
 ``"measure"`` lines; the child answers ``{"ready": ...}`` once loaded and warmed up, then
-one ``{"result": ...}`` per measurement (or ``{"error": ...}``). A native crash ends the
+one ``{"result": ...}`` per measurement, the median of ``repeat`` generations (or
+``{"error": ...}``). A native crash ends the
 child; the parent sees it as a signal, and tune counts the configuration as crashing.
 """
 
@@ -14,6 +15,7 @@ import json
 import queue
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -35,10 +37,11 @@ class TrialSpec:
     config: dict[str, Any]  # knob values and "threads"; {"engine_defaults": True} for the engine as it comes
     scenario: str
     max_tokens: int
+    repeat: int = 1  # generations a measurement takes the median of
 
     def request(self) -> dict[str, Any]:
         return {"engine": self.engine, "model_dir": self.model_dir, "config": self.config, "scenario": self.scenario,
-                "max_tokens": self.max_tokens}  # fmt: skip
+                "max_tokens": self.max_tokens, "repeat": self.repeat}  # fmt: skip
 
 
 class TrialFailed(Exception):
@@ -123,6 +126,14 @@ class TrialWorker:
                 self._child.wait()
 
 
+MEASURED = ("first_token_s", "prefill_tps", "decode_tps", "end_to_end_s")
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
+
+
 def _emit(message: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
@@ -160,10 +171,10 @@ def main() -> None:
         for line in sys.stdin:
             if json.loads(line) != "measure":
                 break
-            repetition = measure_repetition(engine, prompt_ids, None, measured)
-            _emit({"result": {"first_token_s": repetition.first_token_s, "prefill_tps": repetition.prefill_tps,
-                              "decode_tps": repetition.decode_tps, "end_to_end_s": repetition.end_to_end_s,
-                              "prompt_tokens": len(prompt_ids)}})  # fmt: skip
+            repetitions = [measure_repetition(engine, prompt_ids, None, measured)
+                           for _ in range(request.get("repeat", 1))]  # fmt: skip
+            _emit({"result": {**{name: _median([getattr(r, name) for r in repetitions]) for name in MEASURED},
+                              "prompt_tokens": len(prompt_ids), "generations": len(repetitions)}})  # fmt: skip
 
 
 if __name__ == "__main__":

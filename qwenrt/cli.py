@@ -192,6 +192,17 @@ def _parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
     return settings
 
 
+def _settings_for(names: list[str], pairs: tuple[str, ...], verb: str) -> dict[str, Any]:
+    """--set's values, each of them a setting of at least one of the engines ``names``."""
+    given = _parse_settings(pairs)
+    known = {knob.name for name in names for knob in engine_class(name).knobs}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise QwenrtError(f"--set {', '.join(unknown)}: no engine {verb} has such a setting; "
+                          "'qwenrt tune --dry-run' lists each engine's")  # fmt: skip
+    return given
+
+
 def _engine_options(command: Callable[..., None]) -> Callable[..., None]:
     """The options that open an engine, the same for every command that opens one."""
     options = [
@@ -365,12 +376,8 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
     if prompt is not None and not prompt.strip():
         raise QwenrtError("the prompt is empty")
     scenarios = [None] if prompt is not None else [find_scenario(s.strip()).name for s in scenario.split(",")]
-    given = _parse_settings(set_values)
+    given = _settings_for(names, set_values, "compared")
     knobs = {name: {knob.name for knob in engine_class(name).knobs} for name in names}
-    unknown = sorted(set(given) - set().union(*knobs.values()))
-    if unknown:
-        raise QwenrtError(f"--set {', '.join(unknown)}: no engine compared has such a setting; "
-                          "'qwenrt tune --dry-run' lists each engine's")  # fmt: skip
     specs = [
         CellSpec(runtime=name, model_dir=str(model_dir), threads=threads, scenario=sc or "custom", prompt=prompt,
                  max_tokens=max_tokens, repeat=repeat, warmup=warmup, pin=pin, huge_pages=huge_pages,
@@ -610,11 +617,13 @@ def tune(model: Path | None, runtimes: str, objective: str, rounds: int, dry_run
 @click.option("--context", type=click.IntRange(16), default=512, show_default=True, help="Tokens in a window.")
 @click.option("--max-tokens", type=click.IntRange(1), default=8192, show_default=True, help="Scored tokens.")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: the host profile's or physical cores].")
+@click.option("--set", "set_values", multiple=True, metavar="NAME=VALUE", help=SET_HELP)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 @click.option("--csv", "csv_out", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", "markdown_out", type=click.Path(path_type=Path), default=None)
 def evaluate(model: Path | None, runtimes: str, corpus: str, context: int, max_tokens: int, threads: int | None,
-             json_out: Path | None, csv_out: Path | None, markdown_out: Path | None) -> None:  # fmt: skip
+             set_values: tuple[str, ...], json_out: Path | None, csv_out: Path | None,
+             markdown_out: Path | None) -> None:  # fmt: skip
     """What each engine's artifact costs in quality, against the float checkpoint it was made from.
 
     Perplexity over the corpus (windows of --context tokens, second halves scored, as
@@ -636,7 +645,8 @@ def evaluate(model: Path | None, runtimes: str, corpus: str, context: int, max_t
             _check_output(path)
     if threads is not None:
         ThreadPlan.resolve(threads)
-    spec = EvalSpec(str(model_dir), corpus, context, max_tokens, threads)
+    given = _settings_for(names, set_values, "evaluated")
+    spec = EvalSpec(str(model_dir), corpus, context, max_tokens, threads, settings=given)
     live = sys.stderr.isatty()
 
     def progress(text: str) -> None:

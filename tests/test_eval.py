@@ -132,6 +132,20 @@ def test_a_second_eval_uses_the_cached_reference(evaluation: tuple[dict, Path], 
     assert time.monotonic() - started < 30
 
 
+def test_set_reaches_the_engines_that_have_the_setting_and_the_report_says_so(evaluation: tuple[dict, Path],
+                                                                              tiny_model: Path) -> None:  # fmt: skip
+    from qwenrt.eval.report import render_terminal
+
+    spec = EvalSpec(str(tiny_model), "english", CONTEXT, BUDGET, 1, settings={"KV_CACHE_PRECISION": "f16"})
+    report = evaluate(spec, ["openvino", "gguf"])
+    engines = {entry["engine"]: entry for entry in report["engines"]}
+    assert engines["openvino"]["settings"]["KV_CACHE_PRECISION"] == {"value": "f16", "effective": "f16",
+                                                                     "origin": "command line"}  # fmt: skip
+    assert "KV_CACHE_PRECISION" not in engines["gguf"]["settings"]
+    assert "settings of openvino: threads=1 [command line], INFERENCE_PRECISION_HINT=" in render_terminal(report)
+    assert 'KV_CACHE_PRECISION="f16" [command line]' in render_terminal(report)
+
+
 def test_the_named_corpora_exist_offline_and_a_file_works_too(tmp_path: Path) -> None:
     for name in NAMED:
         text = corpus(name)
@@ -145,7 +159,8 @@ def test_the_named_corpora_exist_offline_and_a_file_works_too(tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["--corpus", "nowhere.txt"], "no such corpus"), (["--context", "8"], "--context"),
-     (["--runtimes", "nothing"], "unknown runtime")],
+     (["--runtimes", "nothing"], "unknown runtime"),
+     (["--runtimes", "gguf", "--set", "KV_CACHE_PRECISION=f16"], "no engine evaluated has such a setting")],
 )  # fmt: skip
 def test_bad_eval_options_are_one_line_errors(tiny_model: Path, args: list[str], message: str) -> None:
     result = subprocess.run([*QWENRT, "eval", "--model", str(tiny_model), *args], capture_output=True, text=True,

@@ -92,12 +92,17 @@ def cell_label(cell: AnyCell) -> str:
 
 def settings_line(cell: Cell) -> str:
     """The settings a cell ran with and where each came from: ``name=value [origin]``."""
+    return f"{cell_label(cell)}: {settings_text(cell.resolved)}"
+
+
+def settings_text(resolved: dict[str, dict[str, Any]]) -> str:
+    """Resolved settings (``ResolvedSettings.describe()``) as ``name=value [origin], ...``."""
     parts = []
-    for name, setting in cell.resolved.items():
+    for name, setting in resolved.items():
         value = setting.get("effective", setting["value"])
         shown = "engine's choice" if value is None else json.dumps(value)
         parts.append(f"{name}={shown} [{setting['origin']}]")
-    return f"{cell_label(cell)}: " + (", ".join(parts) if parts else "–")
+    return ", ".join(parts) if parts else "–"
 
 
 def tuning_line(report: dict[str, Any]) -> str | None:

@@ -10,6 +10,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from qwenrt.compare.report import settings_text
+
 HEADERS = ["engine", "perplexity", "÷ float's", "KL mean ± se", "KL p99", "KL max", "top token = float's",
            "greedy tokens = float's", "read tok/s"]  # fmt: skip
 
@@ -80,15 +82,21 @@ def measurably_apart(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return abs(a["kl_mean"] - b["kl_mean"]) > 2 * math.hypot(a["kl_sem"], b["kl_sem"])
 
 
+def settings_lines(report: dict[str, Any]) -> list[str]:
+    """The settings each engine read the corpus with, and where each came from."""
+    return [f"settings of {entry['engine']}: {settings_text(entry['settings'])}" for entry in _ok(report)
+            if entry.get("settings")]  # fmt: skip
+
+
 def render_terminal(report: dict[str, Any]) -> str:
     lines = header_lines(report) + ["", tabulate(rows(report), headers=HEADERS, tablefmt="simple"), ""]
-    return "\n".join(lines + verdicts(report))
+    return "\n".join(lines + verdicts(report) + settings_lines(report))
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# qwenrt eval", "", *[f"- {line}" for line in header_lines(report)], "",
              tabulate(rows(report), headers=HEADERS, tablefmt="github"), ""]  # fmt: skip
-    return "\n".join(lines + [f"- {line}" for line in verdicts(report)]) + "\n"
+    return "\n".join(lines + [f"- {line}" for line in verdicts(report) + settings_lines(report)]) + "\n"
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,9 @@ class EvalSpec:
     max_tokens: int = 8192  # scored tokens
     threads: int | None = None
     continuation_tokens: int = 32
+    # Engine settings (--set), ahead of the host profile and qwenrt's rules; each engine takes
+    # those it has. Precision settings change the answers, which is what eval is there to show.
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         if self.context < 16:

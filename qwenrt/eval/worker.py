@@ -21,7 +21,7 @@ from qwenrt.child import child_main
 from qwenrt.eval.corpora import corpus as find_corpus
 from qwenrt.eval.run import CONTINUATION_PROMPTS, EvalSpec
 from qwenrt.eval.scoring import Quality, Reference, Scores, Windows, make_windows, matching_prefix, perplexity
-from qwenrt.runtimes import Engine, EngineOptions, GenerationConfig, TokenEvent, open_engine
+from qwenrt.runtimes import Engine, EngineOptions, GenerationConfig, TokenEvent, engine_class, open_engine
 
 # Characters read for each token wanted, at first: prose runs 3-5 a token; the read grows if short.
 CHARACTERS_PER_TOKEN = 6
@@ -89,7 +89,10 @@ def _engine(name: str, spec: EvalSpec, path: Path, progress: Callable[[str], Non
     text = find_corpus(spec.corpus).text[: meta["characters_read"]]
     model_dir = Path(spec.model_dir)
     started = time.perf_counter()
-    options = EngineOptions(threads=spec.threads, all_logits=True, context_length=spec.context, prefix_cache=False)
+    knobs = {knob.name for knob in engine_class(name).knobs}
+    given = {setting: value for setting, value in spec.settings.items() if setting in knobs}
+    options = EngineOptions(threads=spec.threads, all_logits=True, context_length=spec.context, prefix_cache=False,
+                            settings=given)  # fmt: skip
     with open_engine(name, model_dir, options) as engine:
         loaded = time.perf_counter()
         own_ids = engine.tokenize_text(text)[: windows.ids.size]
@@ -98,7 +101,9 @@ def _engine(name: str, spec: EvalSpec, path: Path, progress: Callable[[str], Non
         read_s = time.perf_counter() - reading
         settings = engine.resolved.describe()
     progress("greedy continuations")
-    with open_engine(name, model_dir, EngineOptions(threads=spec.threads, prefix_cache=False)) as engine:
+    with open_engine(
+        name, model_dir, EngineOptions(threads=spec.threads, prefix_cache=False, settings=given)
+    ) as engine:
         matches = {prompt_name: matching_prefix(_continuation(engine, prompt, spec.continuation_tokens),
                                                 meta["continuations"][prompt_name])
                    for prompt_name, prompt in CONTINUATION_PROMPTS}  # fmt: skip

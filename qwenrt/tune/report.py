@@ -26,6 +26,7 @@ def render_plan(engine: str, build: str, steps: list[PlannedStep], start: dict[s
         f"{engine} ({build}): starts from qwenrt's rules, one setting at a time; {rounds} interleaved rounds of "
         f"'{objective.description}'; then against the engine's own defaults (about {trials} candidate processes)",
         tabulate(rows, headers=["setting", "start", "candidates"], tablefmt="simple"),
+        *(f"{step.name}: {step.why}" for step in steps if step.combination),
     ])  # fmt: skip
 
 

@@ -144,6 +144,7 @@ class PlannedStep:
     name: str
     options: tuple[dict[str, Any], ...]  # each candidate's changes to the configuration so far
     combination: bool = False
+    why: str = ""  # a combination's reason, as its engine gives it
 
     def configs(self, current: dict[str, Any]) -> list[dict[str, Any]]:
         """The current configuration first, then each option that changes it."""
@@ -161,7 +162,7 @@ def plan(engine: type[Engine], objective: Objective, model_dir: Path, host: Host
             steps.append(PlannedStep(knob.name, tuple({knob.name: value} for value in knob.candidates(host))))
     for combination in engine.combinations:
         if combination.applies(host, model_dir):
-            steps.append(PlannedStep(combination.name, (dict(combination.values),), combination=True))
+            steps.append(PlannedStep(combination.name, (dict(combination.values),), True, combination.why))
     return steps
 
 

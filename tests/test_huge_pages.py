@@ -12,12 +12,14 @@ import json
 import mmap
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from conftest import QWENRT
 from helpers import kernel_collapses
 
+from qwenrt.host import this_host
 from qwenrt.runtimes import EngineOptions, GenerationConfig, TokenEvent, huge_pages, open_engine
 
 SIZE = 8 * 1024 * 1024
@@ -81,6 +83,20 @@ def test_collapse_rebuilds_anonymous_memory_in_huge_pages_and_keeps_its_data() -
         assert view[:] == data
 
 
+def test_llama_cpp_reads_the_file_for_huge_pages_only_where_it_computes_from_it(tiny_model: Path) -> None:
+    """Without its AMX copy, llama.cpp computes from the weights where they were loaded: huge pages
+    need them read into its own memory. Where it repacks them into its AMX buffer (a CPU with AMX),
+    the copy is what steps read, and the file stays mapped, its pages handed back."""
+    options = EngineOptions(threads=1, prefix_cache=False, huge_pages=True, settings={"extra_buffer_types": False})
+    with open_engine("gguf", tiny_model, options) as engine:
+        settings = engine.settings()
+        assert (settings["amx_repack"], settings["load_mode"]) == (False, "none")
+    with open_engine("gguf", tiny_model, replace(options, settings={"extra_buffer_types": True})) as engine:
+        repacks = this_host().has("amx_int8")  # qwenrt's build has the AMX kernels (the AMX patch)
+        settings = engine.settings()
+        assert (settings["amx_repack"], settings["load_mode"]) == (repacks, "mmap" if repacks else "none")
+
+
 @pytest.mark.parametrize("runtime", ["gguf", "openvino"])
 def test_engines_answer_the_same_in_huge_pages(tiny_model: Path, runtime: str) -> None:
     answers, settings = {}, {}
@@ -94,8 +110,10 @@ def test_engines_answer_the_same_in_huge_pages(tiny_model: Path, runtime: str) -
     assert answers[True] == answers[False]
     assert len(answers[True]) == 16
     assert (settings[False]["huge_pages"], settings[True]["huge_pages"]) == (False, True)
-    if runtime == "gguf":  # the weights must be llama.cpp's own memory, not the file's pages
-        assert (settings[False]["load_mode"], settings[True]["load_mode"]) == ("mmap", "none")
+    if runtime == "gguf":  # the weights a step reads must be llama.cpp's own memory, not the file's pages
+        # With its AMX kernels they are its copy, and the file stays mapped (its pages handed back).
+        in_huge_pages = "mmap" if settings[True]["amx_repack"] else "none"
+        assert (settings[False]["load_mode"], settings[True]["load_mode"]) == ("mmap", in_huge_pages)
 
 
 def test_compare_opens_each_cell_in_huge_pages(tiny_model: Path, tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ ceiling does ask, so without this the engines are held to a ceiling read in huge
 ``madvise(MADV_COLLAPSE)`` (Linux 6.1 and later) rebuilds memory already in use as huge
 pages, whatever that setting says unless it is ``never``. With the option, llama.cpp
 reads the GGUF into its own memory instead of mapping it (file pages are the page
-cache's to size), and once the engine has loaded and run its first inference every
-private anonymous mapping of the process is collapsed.
+cache's to size) unless it computes from its own AMX copy of them, and once the engine
+has loaded every private anonymous mapping of the process is collapsed.
 
 It is opt-in: it adds seconds to the load (llama.cpp then reads the whole file) for a few
 per cent of decode (BENCHMARKS.md, "Huge pages"): worth it for a server or a long session,

@@ -129,18 +129,21 @@ class LlamaCppEngine(Engine):
         if self.resolved.get(FLASH_ATTENTION) is not None:
             chosen["flash_attn"] = self.resolved.get(FLASH_ATTENTION)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama.cpp")
-
-        def load() -> Any:
-            # Huge pages need the weights in the engine's own memory: the file's pages are the page cache's.
-            with _extra_buffer_types(self.resolved.get(EXTRA_BUFFER_TYPES)):
-                return _grammar_last_llama()(model_path=str(path), n_ctx=self.context_length, n_batch=512,
-                             use_mmap=not options.huge_pages, logits_all=options.all_logits, verbose=False,
-                             **chosen)  # fmt: skip
-
         # Where llama.cpp copies the weights into its AMX buffer at load, it never reads the mapped
         # GGUF's pages again but for a few embedding rows, and they would stay resident beside the
         # copy: hand them back as the copy goes, as for OpenVINO (BENCHMARKS.md, "Hosts").
-        repacks = not options.huge_pages and _repacks_into_amx(self.resolved.effective(EXTRA_BUFFER_TYPES))
+        self.repacks_into_amx = repacks = _repacks_into_amx(self.resolved.effective(EXTRA_BUFFER_TYPES))
+        # Huge pages need the weights a step reads in the engine's own memory. The AMX copy is;
+        # otherwise llama.cpp reads the file instead of mapping it (the file's pages are the
+        # page cache's, which the kernel does not collapse).
+        mapped = repacks or not options.huge_pages
+
+        def load() -> Any:
+            with _extra_buffer_types(self.resolved.get(EXTRA_BUFFER_TYPES)):
+                return _grammar_last_llama()(model_path=str(path), n_ctx=self.context_length, n_batch=512,
+                             use_mmap=mapped, logits_all=options.all_logits, verbose=False,
+                             **chosen)  # fmt: skip
+
         released = mapped_pages.released_while_running(path) if repacks else nullcontext()
         try:
             # On the engine's thread too: repacking weights for the CPU's kernels (AMX) at load runs
@@ -326,6 +329,7 @@ class LlamaCppEngine(Engine):
             "prefix_cache": self.options.prefix_cache,
             "load_mode": llama_load_mode_name(self._llm.model_params.load_mode).decode(),  # "mmap" or "none"
             "extra_buffer_types": bool(self._llm.model_params.use_extra_bufts),
+            "amx_repack": self.repacks_into_amx,  # the weights a step reads are llama.cpp's AMX copy
             "flash_attention": self._llm.context_params.flash_attn_type == 1,  # LLAMA_FLASH_ATTN_TYPE_ENABLED
             "huge_pages": self.options.huge_pages,
         }

@@ -6,14 +6,17 @@ off), times the load (the collapse included), then streams the short chat prompt
 `qwenrt compare`: 128 new tokens, 1 warm-up and the median of 5. Variants are interleaved
 over 8 rounds, since this host's speed drifts by more than the effect measured.
 
-    python bench/huge_pages.py
+    python bench/huge_pages.py [--rounds N] [--out FILE]
+
+With ``--out`` the file also records the host (CPU, flags, read bandwidth) and when the
+run started: the AMX host's runs are kept side by side (bench/huge_pages_amx_HH-MM.json).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,13 +49,26 @@ def measure(runtime: str, huge_pages: bool) -> dict[str, Any]:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--one":
-        print(json.dumps(measure(sys.argv[2], sys.argv[3] == "huge")))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--out", type=Path, help="write here, with the host and the start time")
+    parser.add_argument("--one", nargs=2, metavar=("RUNTIME", "PAGES"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], args.one[1] == "huge")))
         return
     commands = {(runtime, huge): ([__file__, "--one", runtime, "huge" if huge else "plain"], {})
                 for runtime, huge in VARIANTS}  # fmt: skip
-    runs = interleaved_rounds(commands, ROUNDS)
-    (HERE / "huge_pages.json").write_text(json.dumps(summary(runs), indent=2) + "\n")
+    started = time.strftime("%Y-%m-%d %H:%M")
+    rows = summary(interleaved_rounds(commands, args.rounds))
+    if args.out is None:
+        (HERE / "huge_pages.json").write_text(json.dumps(rows, indent=2) + "\n")
+        return
+    from qwenrt.compare.ceiling import memory_bandwidth
+    from qwenrt.host import this_host
+
+    host = {**this_host().describe(), "read_bandwidth_gb_s": round(memory_bandwidth(2) / 1e9, 1)}
+    args.out.write_text(json.dumps({"host": host, "started": started, "rows": rows}, indent=2) + "\n")
 
 
 def summary(runs: dict[tuple[str, bool], list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from qwenrt.host import this_host
 from qwenrt.runtimes import EngineOptions, engine_class, open_engine
 from qwenrt.runtimes.probe import CRASH_SWITCH, ProbeRecord
 from qwenrt.runtimes.profiles import load_profile
-from qwenrt.tune.search import MIN_GAIN, OBJECTIVES, Candidate, _choose, thread_candidates
+from qwenrt.tune.search import MIN_GAIN, OBJECTIVES, Candidate, _choose, can_still_win, thread_candidates
 
 
 def run(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -126,6 +127,59 @@ def test_noise_never_moves_a_setting() -> None:
     assert step.chosen is better and f"more than {MIN_GAIN:.0%} in 2 of 3 rounds" in step.why
     crashed = Candidate({"threads": 2}, failed="worker crashed inside the engine: SIGILL", signal="SIGILL")
     assert _choose("threads", [crashed, better], goal).chosen is better
+
+
+def test_a_candidate_that_can_no_longer_win_is_out_of_the_running() -> None:
+    goal = OBJECTIVES["end-to-end"]  # seconds: lower is better
+    assert not can_still_win([3.5], [3.0], rounds=2, objective=goal)  # it would need both rounds
+    assert not can_still_win([2.99], [3.0], rounds=2, objective=goal)  # better, but by less than MIN_GAIN
+    assert can_still_win([2.5], [3.0], rounds=2, objective=goal)
+    assert can_still_win([3.5], [3.0], rounds=3, objective=goal)  # two rounds left, two of three to win
+    assert not can_still_win([3.5, 3.4], [3.0, 3.0], rounds=3, objective=goal)
+    assert can_still_win([3.5, 2.5], [3.0, 3.0], rounds=3, objective=goal)
+    speed = OBJECTIVES["decode"]  # tokens a second: higher is better
+    assert can_still_win([40.0], [30.0], rounds=2, objective=speed)
+    assert not can_still_win([20.0], [30.0], rounds=2, objective=speed)
+
+    # Out of the running, a candidate is never chosen, whatever its median, and is named only if
+    # every other one is out too.
+    current = Candidate({"threads": 2}, values=[3.0, 4.0])
+    out = Candidate({"threads": 1}, values=[3.2], out_after=1)  # a median below the current's 3.5
+    step = _choose("threads", [current, out], goal)
+    assert step.chosen is current and "then out of the running" in step.why
+    steady = Candidate({"threads": 3}, values=[3.3, 3.6])
+    step = _choose("threads", [current, out, steady], goal)
+    assert step.chosen is current and "3 3.45 s" in step.why and "out of the running" not in step.why
+
+
+def test_tune_stops_measuring_a_candidate_once_it_cannot_win(tiny_model: Path) -> None:
+    """Real trials on the tiny model: whichever candidates lose, each one is either measured in every
+    round or out after the round that made a majority out of its reach, its process closed."""
+    from qwenrt.runtimes.probe import ProbeRecord
+    from qwenrt.tune.search import _WorkerPool, starting_config
+
+    engine, goal, rounds = engine_class("openvino"), OBJECTIVES["end-to-end"], 3
+    start, key = starting_config(engine, tiny_model)
+    configs = [start, {**start, "threads": 1}, {**start, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0},
+               {**start, "KV_CACHE_PRECISION": "f16"}]  # fmt: skip
+    pool = _WorkerPool(engine, tiny_model, replace(goal, max_tokens=8), key, ProbeRecord(key), lambda _: None)
+    try:
+        candidates = pool.run(configs, rounds, "test")
+        open_configs = set(pool.workers)
+    finally:
+        pool.close()
+    current, others = candidates[0], candidates[1:]
+    assert len(current.values) == rounds and current.out_after is None
+    for candidate in others:
+        assert candidate.paired == current.values[: len(candidate.values)]
+        if candidate.out_after is None:
+            assert len(candidate.values) == rounds
+            assert json.dumps(candidate.config, sort_keys=True) in open_configs
+        else:
+            assert len(candidate.values) == candidate.out_after < rounds
+            assert not can_still_win(candidate.values, candidate.paired, rounds, goal)
+            assert can_still_win(candidate.values[:-1], candidate.paired[:-1], rounds, goal)
+            assert json.dumps(candidate.config, sort_keys=True) not in open_configs
 
 
 def test_a_first_token_measurement_is_the_median_of_several_answers(tiny_model: Path) -> None:

@@ -51,7 +51,8 @@ def _figure(candidate: Candidate, objective: Objective) -> str:
 
 
 def _rounds(candidate: Candidate) -> str:
-    return " ".join("–" if v is None else f"{v:.3g}" for v in candidate.values)
+    figures = " ".join("–" if v is None else f"{v:.3g}" for v in candidate.values)
+    return figures + (", then out" if candidate.out_after is not None else "")
 
 
 def step_rows(step: Step, objective: Objective) -> list[list[str]]:

@@ -6,9 +6,11 @@ declares them. Each candidate configuration runs in a fresh process of its own, 
 once and warmed up; the candidates of a step then take turns for ``rounds`` rounds, in
 a rotating order, so that a busy moment on the machine falls on all of them alike. A
 step keeps its current value unless another wins a majority of the rounds by more than
-``MIN_GAIN``: noise never moves a setting. Last, the result is measured the same way
-against the engine exactly as its library opens it; if that is not slower, the profile
-says so rather than claim a gain it does not have.
+``MIN_GAIN``: noise never moves a setting. A candidate that has lost so many rounds that
+it can no longer win a majority is not measured again (with two rounds, one that loses
+the first): its process is closed, and the rest of the step runs sooner. Last, the result
+is measured the same way against the engine exactly as its library opens it; if that is
+not slower, the profile says so rather than claim a gain it does not have.
 
 A configuration that crashes the engine is out of the running, and its crash is kept
 in the probe's record for this host (:mod:`qwenrt.runtimes.probe`), so that no command
@@ -87,6 +89,10 @@ class Candidate:
     failed: str | None = None
     signal: str | None = None
     applied: dict[str, Any] = field(default_factory=dict)  # what the engine reported it ran with
+    out_after: int | None = None  # the round after which it could no longer win, and was not measured again
+    # The current configuration's figures in the rounds this candidate ran (when the candidates of a
+    # step do not all fit in memory at once, each group of them runs its own rounds with the current).
+    paired: list[float | None] = field(default_factory=list)
 
     @property
     def median(self) -> float | None:
@@ -95,7 +101,8 @@ class Candidate:
 
     def describe(self) -> dict[str, Any]:
         return {"config": self.config, "values": self.values, "median": self.median, "failed": self.failed,
-                "signal": self.signal, "measurements": self.measurements}  # fmt: skip
+                "signal": self.signal, "out_after_round": self.out_after,
+                "measurements": self.measurements}  # fmt: skip
 
 
 @dataclass
@@ -225,22 +232,40 @@ def _choose(knob: str, candidates: list[Candidate], objective: Objective) -> Ste
     if current.median is None:
         if not ok:
             return Step(knob, candidates, current, f"every candidate failed: {current.failed}")
-        best = max(ok, key=lambda c: c.median if objective.higher_is_better else -c.median)  # type: ignore[operator]
-        return Step(knob, candidates, best, f"the current value failed ({current.failed})")
+        return Step(knob, candidates, _best(ok, objective), f"the current value failed ({current.failed})")
     if not ok:
         return Step(knob, candidates, current, "no other value ran")
-    best = max(ok, key=lambda c: c.median if objective.higher_is_better else -c.median)  # type: ignore[operator]
+    # Those out of the running lost too many rounds to win; they are named only if all others are.
+    best = _best([c for c in ok if c.out_after is None] or ok, objective)
     assert best.median is not None
     gain = objective.gain(best.median, current.median)
-    rounds_won = sum(1 for new, old in zip(best.values, current.values, strict=False)
-                     if new is not None and old is not None and objective.gain(new, old) > MIN_GAIN)  # fmt: skip
-    rounds = min(len(best.values), len(current.values))
+    paired = best.paired or current.values
+    rounds_won = _rounds_won(best.values, paired, objective)
+    rounds = min(len(best.values), len(paired))
     text = (f"{choice_text(knob, best, current)} {_median_text(best, objective)} against "
             f"{_median_text(current, objective)} ({gain:+.1%}), better by more than {MIN_GAIN:.0%} in {rounds_won} "
             f"of {rounds} rounds")  # fmt: skip
-    if gain > MIN_GAIN and rounds_won * 2 > rounds:
+    if best.out_after is not None:
+        text += ", then out of the running"
+    if gain > MIN_GAIN and rounds_won * 2 > rounds and best.out_after is None:
         return Step(knob, candidates, best, f"changed to {text}")
     return Step(knob, candidates, current, f"kept {choice_text(knob, current)}: the best other, {text}")
+
+
+def _best(candidates: list[Candidate], objective: Objective) -> Candidate:
+    return max(candidates, key=lambda c: c.median if objective.higher_is_better else -c.median)  # type: ignore[operator]
+
+
+def _rounds_won(values: list[float | None], current: list[float | None], objective: Objective) -> int:
+    """The rounds in which a candidate beat the current configuration by more than MIN_GAIN."""
+    return sum(1 for new, old in zip(values, current, strict=False)
+               if new is not None and old is not None and objective.gain(new, old) > MIN_GAIN)  # fmt: skip
+
+
+def can_still_win(values: list[float | None], current: list[float | None], rounds: int, objective: Objective) -> bool:
+    """Whether a candidate measured in the first ``len(values)`` of ``rounds`` rounds could still win a
+    majority of them against the current configuration, were it to win every round left."""
+    return (_rounds_won(values, current, objective) + rounds - len(values)) * 2 > rounds
 
 
 def choice_text(step: str, candidate: Candidate, current: Candidate | None = None) -> str:
@@ -295,6 +320,7 @@ class _WorkerPool:
     def _run_group(self, group: list[dict[str, Any]], rounds: int, what: str, results: list[Candidate]) -> None:
         by_config = {json.dumps(c.config, sort_keys=True): c for c in results}
         running = [(self._start(config), by_config[json.dumps(config, sort_keys=True)]) for config in group]
+        current, first_round = running[0][1], len(running[0][1].values)
         self.progress(f"{what}: loading {len(group)} candidates")
         for worker, candidate in running:
             try:
@@ -316,9 +342,31 @@ class _WorkerPool:
                     continue
                 candidate.measurements.append(measurement)
                 candidate.values.append(self.objective.value(measurement))
+            for _, candidate in running[1:]:
+                candidate.paired = current.values[first_round:]
+            running = self._still_in_the_running(running, round_index + 1, rounds)
         for _, candidate in running:
             if not candidate.failed:
                 self._remember(candidate.config, {"ok": True})
+
+    def _still_in_the_running(
+        self, running: list[tuple[TrialWorker, Candidate]], done: int, rounds: int
+    ) -> list[tuple[TrialWorker, Candidate]]:
+        """Close the processes of the candidates that can no longer win against the current one (the
+        first), after ``done`` of ``rounds`` rounds: no figure of theirs could make them win."""
+        current = running[0][1]
+        if done == rounds or current.failed:
+            return running
+        kept = running[:1]
+        for worker, candidate in running[1:]:
+            if candidate.failed or can_still_win(candidate.values, candidate.paired, rounds, self.objective):
+                kept.append((worker, candidate))
+                continue
+            candidate.out_after = done
+            self._remember(candidate.config, {"ok": True})
+            worker.close()
+            self.workers.pop(json.dumps(candidate.config, sort_keys=True), None)
+        return kept
 
     def _failed(self, worker: TrialWorker, candidate: Candidate, exc: TrialFailed) -> None:
         candidate.failed, candidate.signal = str(exc), exc.signal

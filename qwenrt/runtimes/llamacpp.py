@@ -133,9 +133,9 @@ class LlamaCppEngine(Engine):
         # GGUF's pages again but for a few embedding rows, and they would stay resident beside the
         # copy: hand them back as the copy goes, as for OpenVINO (BENCHMARKS.md, "Hosts").
         self.repacks_into_amx = repacks = _repacks_into_amx(self.resolved.effective(EXTRA_BUFFER_TYPES))
-        # Huge pages need the weights a step reads in the engine's own memory. The AMX copy is;
-        # otherwise llama.cpp reads the file instead of mapping it (the file's pages are the
-        # page cache's, which the kernel does not collapse).
+        # Huge pages need the weights a step reads in the engine's own memory. The AMX copy is (every
+        # Q8_0 matrix; the embedding, read a row a token, stays in the file); otherwise llama.cpp
+        # reads the file instead of mapping it (the page cache's pages, which are not collapsed).
         mapped = repacks or not options.huge_pages
 
         def load() -> Any:

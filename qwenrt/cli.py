@@ -230,18 +230,23 @@ def _engine_options(command: Callable[..., None]) -> Callable[..., None]:
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 is off.")
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option(
+    "--ignore-eos",
+    is_flag=True,
+    help="Go on past the model's end-of-sequence token, to --max-tokens (as llama.cpp's --ignore-eos).",
+)
 @click.option("-p", "--prompt", default=None, help="Answer this prompt and exit.")
 @click.option("--stats", is_flag=True, help="Show first-token latency and tokens/s after each answer.")
 def chat(runtime: str, model: Path | None, threads: int | None, pin: bool, huge_pages: bool,
          context_length: int | None, set_values: tuple[str, ...], system: str | None, max_tokens: int,
          temperature: float, top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...],
-         prompt: str | None, stats: bool) -> None:  # fmt: skip
+         ignore_eos: bool, prompt: str | None, stats: bool) -> None:  # fmt: skip
     """Chat with the model, streaming; one-shot with -p or a piped prompt."""
     from qwenrt.chat import ChatSession, interactive, print_answer
     from qwenrt.runtimes import EngineOptions, GenerationConfig, engine_class, open_engine
 
     config = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              seed=seed, stop=stop)  # fmt: skip
+                              seed=seed, stop=stop, ignore_eos=ignore_eos)  # fmt: skip
     options = EngineOptions(threads=threads, pin=pin, context_length=context_length, huge_pages=huge_pages,
                             settings=_parse_settings(set_values))  # fmt: skip
     # A missing model is the likelier mistake: report it before waiting on a piped prompt.

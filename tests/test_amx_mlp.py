@@ -65,14 +65,14 @@ def test_tune_takes_the_combination_only_when_it_wins_and_says_what_it_changed()
     faster = Candidate(combined, values=[52.0, 53.0])
     step = _choose(AMX_INT8_MLP.name, [current, faster], goal)
     assert step.chosen is faster
-    assert step.why.startswith('changed to AMX INT8 MLP (INFERENCE_PRECISION_HINT="bf16", KV_CACHE_PRECISION="u8", '
+    assert step.why.startswith('changed to AMX INT8 MLP (INFERENCE_PRECISION_HINT="bf16", KV_CACHE_PRECISION="f16", '
                                "DYNAMIC_QUANTIZATION_GROUP_SIZE=4294967295) 52.5 ms against 60.5 ms")  # fmt: skip
     slower = Candidate(combined, values=[70.0, 71.0])
     kept = _choose(AMX_INT8_MLP.name, [current, slower], goal)
     assert kept.chosen is current and kept.why.startswith("kept without AMX INT8 MLP: the best other, AMX INT8 MLP (")
     rows = report.step_rows(step, goal)
     assert [row[1] for row in rows] == ["without AMX INT8 MLP",
-                                        "AMX INT8 MLP (INFERENCE_PRECISION_HINT=\"bf16\", KV_CACHE_PRECISION=\"u8\", "
+                                        "AMX INT8 MLP (INFERENCE_PRECISION_HINT=\"bf16\", KV_CACHE_PRECISION=\"f16\", "
                                         "DYNAMIC_QUANTIZATION_GROUP_SIZE=4294967295) ◀"]  # fmt: skip
 
 

@@ -161,7 +161,7 @@ def test_tune_stops_measuring_a_candidate_once_it_cannot_win(tiny_model: Path) -
     engine, goal, rounds = engine_class("openvino"), OBJECTIVES["end-to-end"], 3
     start, key = starting_config(engine, tiny_model)
     configs = [start, {**start, "threads": 1}, {**start, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0},
-               {**start, "KV_CACHE_PRECISION": "f16"}]  # fmt: skip
+               {**start, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 64}]  # fmt: skip
     pool = _WorkerPool(engine, tiny_model, replace(goal, max_tokens=8), key, ProbeRecord(key), lambda _: None)
     try:
         candidates = pool.run(configs, rounds, "test")

@@ -86,8 +86,10 @@ def _precisions(host: Host) -> tuple[str, ...]:
 
 def _cache_precisions(host: Host) -> tuple[str, ...]:
     # A bf16 cache loads only with bf16 arithmetic ("expect kvcache type f32"), which qwenrt's rule
-    # turns off; the candidates are those that run with every precision.
-    return ("u8", "f16", "f32")
+    # turns off. A u8 or f16 cache moves GenAI's answers away from the float model's (more than the
+    # INT8 weights do, for u8), a cost that tune, measuring speed, cannot see: only f32 is offered,
+    # the others stay one --set away (README, "The KV cache's precision").
+    return ("f32",)
 
 
 def _amx_mlp_applies(host: Host, model_dir: Path) -> bool:
@@ -100,9 +102,10 @@ def _amx_mlp_applies(host: Host, model_dir: Path) -> bool:
 # src/plugins/intel_cpu/src/transformations/cpu_opset/x64/pass/mlp_fusion.cpp, nodes/llm_mlp.cpp).
 # Alone, bf16 is slower than f32 and per-token scales no faster than groups of 128; together
 # they shorten a short prompt's first token, at a cost in decode (BENCHMARKS.md, "Hosts").
-# A bf16 cache needs bf16 arithmetic and an f32 cache refuses it: u8, the plugin's own.
+# An f32 cache refuses bf16 arithmetic; f16 keeps the answers as close to the float model as
+# without the combination's cache, where the plugin's u8 costs fidelity (and measured slower with it).
 AMX_INT8_MLP = Combination(
-    "AMX INT8 MLP", {PRECISION: "bf16", KV_CACHE_PRECISION: "u8", DYNAMIC_QUANTIZATION: PER_TOKEN},
+    "AMX INT8 MLP", {PRECISION: "bf16", KV_CACHE_PRECISION: "f16", DYNAMIC_QUANTIZATION: PER_TOKEN},
     "the CPU plugin's fused AMX INT8 MLP kernel runs only with bf16 arithmetic and per-token scales, on "
     "symmetric INT8 weights", _amx_mlp_applies,
 )  # fmt: skip
@@ -114,6 +117,14 @@ REQUIRED_FILES = {
     "openvino_detokenizer.xml": "the detokenizer IR",
     "tokenizer.json": "the tokenizer vocabulary",
 }
+
+
+# Tokens of an evaluation window read at a time (window_logits). Read whole, every position would
+# see the keys and values of those before it as computed, never as the KV cache stores them; in
+# pieces, it reads the earlier pieces' back from the cache, at its precision, as every generated
+# token does. A u8 cache (the plugin's default on x86) costs the answers more than the INT8
+# weights do, and a single pass hid it from 'qwenrt eval' (BENCHMARKS.md, "Quality").
+WINDOW_PIECE = 64
 
 
 class OpenVINOEngine(Engine):
@@ -136,7 +147,15 @@ class OpenVINOEngine(Engine):
                       "faster (measured on an Intel Xeon with AMX)", lambda host: plugin_default(PRECISION) != "f32"),
              )),
         Knob(KV_CACHE_PRECISION, "the KV cache's element type", _cache_precisions,
-             lambda host: plugin_default(KV_CACHE_PRECISION)),
+             lambda host: plugin_default(KV_CACHE_PRECISION), rules=(
+                 # The plugin's u8 cache moves each next-token distribution several times further
+                 # from the float model's than the INT8 weights alone, and GenAI's greedy answers
+                 # part from llama.cpp's within a few tokens with a u8 or an f16 cache, never with
+                 # f32, which decodes a chat answer as fast (BENCHMARKS.md, "Quality").
+                 Rule("f32", "the plugin's u8 cache costs the answers more fidelity than the INT8 weights; "
+                      "f32 costs none, at the same speed (measured on an Intel Xeon with AMX)",
+                      lambda host: plugin_default(KV_CACHE_PRECISION) == "u8"),
+             )),
         Knob(DYNAMIC_QUANTIZATION, "activations quantised in groups of this size for the INT8 products (0: off)",
              lambda host: (0, 32, 64, 128, 256), lambda host: int(plugin_default(DYNAMIC_QUANTIZATION)), rules=(
                  # Faster prefill and decode than the plugin's default group on both Intel Xeons
@@ -255,14 +274,18 @@ class OpenVINOEngine(Engine):
         import numpy as np
 
         self._check_window(token_ids)
-        ids = np.asarray([list(token_ids)], dtype=np.int64)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                 "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None, :],
-                 "beam_idx": np.zeros(1, dtype=np.int32)}  # fmt: skip
         names = {name for port in self._model.inputs for name in port.get_names()}
         self._request.reset_state()  # nothing cached before the window
-        self._request.infer({name: value for name, value in feeds.items() if name in names})
-        return np.array(self._request.get_tensor("logits").data[0], dtype=np.float32)
+        rows = []
+        for start in range(0, len(token_ids), WINDOW_PIECE):
+            piece = np.asarray([list(token_ids[start : start + WINDOW_PIECE])], dtype=np.int64)
+            end = start + piece.shape[1]
+            feeds = {"input_ids": piece, "attention_mask": np.ones((1, end), dtype=np.int64),
+                     "position_ids": np.arange(start, end, dtype=np.int64)[None, :],
+                     "beam_idx": np.zeros(1, dtype=np.int32)}  # fmt: skip
+            self._request.infer({name: value for name, value in feeds.items() if name in names})
+            rows.append(np.array(self._request.get_tensor("logits").data[0], dtype=np.float32))
+        return np.concatenate(rows)
 
     @property
     def chat_template(self) -> str:

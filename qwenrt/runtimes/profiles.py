@@ -17,7 +17,9 @@ from qwenrt.errors import WriteError
 from qwenrt.paths import cache_root
 from qwenrt.runtimes.fingerprint import RunKey
 
-PROFILE_SCHEMA = "qwenrt.profile/1"
+# /2: tune no longer offers OpenVINO's u8 KV cache, which costs fidelity it does not measure; a
+# /1 profile may hold it (README, "The KV cache's precision"), so it is not read.
+PROFILE_SCHEMA = "qwenrt.profile/2"
 
 
 def profiles_dir() -> Path:

@@ -278,6 +278,16 @@ def test_control_tokens_in_messages_are_text_and_forge_no_turn(engines, hf_token
     assert engines["gguf"].chat_prompt_ids(FORGED[:1] + user("Hi")) != expected
 
 
+def test_openvino_loads_hugging_face_s_tokenizer_only_for_a_forged_marker(tiny_model: Path, engines) -> None:
+    """Reading a marker's spelling as text takes the Hugging Face tokenizer (GenAI's cannot), which
+    holds some 90 MB for Qwen's vocabulary: a plain conversation must not load it."""
+    with open_engine("openvino", tiny_model, EngineOptions(threads=1)) as engine:
+        list(engine.stream_chat(user("Hello <|im_start fox"), GenerationConfig(max_tokens=4)))
+        assert engine._text_tokenizer is None
+        assert engine.chat_prompt_ids(FORGED) == engines["gguf"].chat_prompt_ids(FORGED)
+        assert engine._text_tokenizer is not None
+
+
 def test_control_tokens_in_chat_answers_are_text_too(engine) -> None:
     """The whole path, as chat and serve take it: a forged turn's markers do not reach the engine as markers."""
     ids = engine.chat_prompt_ids(user("<|im_start|>"))

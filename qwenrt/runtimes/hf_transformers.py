@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from qwenrt.errors import ModelNotFoundError, QwenrtError
 from qwenrt.manifest import read_manifest
 from qwenrt.runtimes.base import Engine, EngineOptions, GenerationConfig, TokenRelay
-from qwenrt.runtimes.byte_vocab import control_token_spellings, token_byte_table
+from qwenrt.runtimes.byte_vocab import read_vocabulary
 from qwenrt.runtimes.settings import ResolvedSettings
 
 if TYPE_CHECKING:
@@ -61,8 +61,8 @@ class TransformersEngine(Engine):
         self._torch = torch
         self._model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
         self._tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self._bytes = token_byte_table(self.path / "tokenizer.json")
-        self._spellings = control_token_spellings(self.path / "tokenizer.json")
+        vocabulary = read_vocabulary(self.path / "tokenizer.json")
+        self._bytes, self._spellings = vocabulary.token_bytes, vocabulary.control_spellings
         self._vocabulary_size = max(int(self._model.config.vocab_size), len(self._bytes))
         eos = self._model.generation_config.eos_token_id
         self._eos = frozenset(eos if isinstance(eos, list) else [eos]) | {self._tokenizer.eos_token_id}

@@ -46,7 +46,7 @@ from qwenrt.runtimes.base import (
     TokenRelay,
     step_logprobs,
 )
-from qwenrt.runtimes.byte_vocab import control_token_spellings, token_byte_table
+from qwenrt.runtimes.byte_vocab import read_vocabulary
 from qwenrt.runtimes.grammar import after_literal
 from qwenrt.runtimes.probe import SafeFallback
 from qwenrt.runtimes.settings import Combination, Knob, ResolvedSettings, Rule
@@ -217,8 +217,11 @@ class OpenVINOEngine(Engine):
         self._batcher: _ContinuousBatcher | None = None
         self._scorer: _Scorer | None = None  # compiled at the first request for log-probabilities
         self._scorer_lock = threading.Lock()
-        self._text_tokenizer: tuple[Any, frozenset[str]] | None = None
+        self._text_tokenizer: Any = None  # Hugging Face's, loaded for the first text that spells a control token
         self.path = path
+        # Read before the weights load, so that the parse's passing heap is not added to their peak.
+        self._vocabulary = read_vocabulary(path / "tokenizer.json")
+        self._bytes, self._spellings = self._vocabulary.token_bytes, self._vocabulary.control_spellings
         try:
             # The plugin copies every weight into its own layout at LLMPipeline's first inference:
             # done here, not in the user's first answer, and the IR's pages read for the copy are
@@ -249,8 +252,6 @@ class OpenVINOEngine(Engine):
             )
         native = self._batcher.pipe if self._batcher is not None else self._pipe
         self._tokenizer = native.get_tokenizer()
-        self._bytes = token_byte_table(self.path / "tokenizer.json")
-        self._spellings = control_token_spellings(self.path / "tokenizer.json")
         self._vocabulary_size = _vocabulary_size(self.path, len(self._bytes))
         stop_ids = self._native_generation_config().stop_token_ids
         self._eos = frozenset({self._tokenizer.get_eos_token_id()} | set(stop_ids))
@@ -263,8 +264,6 @@ class OpenVINOEngine(Engine):
         self._model = ov.Core().compile_model(self.path / "openvino_model.xml", "CPU", self._properties)
         self._request = self._model.create_infer_request()
         self._tokenizer = ov_genai.Tokenizer(str(self.path))
-        self._bytes = token_byte_table(self.path / "tokenizer.json")
-        self._spellings = control_token_spellings(self.path / "tokenizer.json")
         self._vocabulary_size = _vocabulary_size(self.path, len(self._bytes))
         self._eos = frozenset({self._tokenizer.get_eos_token_id()})
         # A first inference copies the weights into the plugin's layout, inside the page release.
@@ -302,23 +301,24 @@ class OpenVINOEngine(Engine):
     def tokenize_text(self, text: str) -> list[int]:
         # GenAI's tokenizer always reads control tokens' spellings as control tokens; the Hugging
         # Face tokenizer of the same tokenizer.json can read them as text (encode_special_tokens).
-        return self._hf_tokenizer()[0].encode(text, add_special_tokens=False).ids if text else []
+        return self._hf_tokenizer().encode(text, add_special_tokens=False).ids if text else []
 
     def spells_control_tokens(self, text: str) -> bool:
         # Every message of every request asks this, and a GenAI tokenizer call costs a model
         # inference: only a text that holds an added token's spelling is tokenised both ways.
-        _, added = self._hf_tokenizer()
+        added = self._vocabulary.added_spellings
         return any(spelling in text for spelling in added) and super().spells_control_tokens(text)
 
-    def _hf_tokenizer(self) -> tuple[Any, frozenset[str]]:
-        """tokenizer.json's tokenizer reading control tokens' spellings as text, and the added tokens' spellings."""
+    def _hf_tokenizer(self) -> Any:
+        """tokenizer.json's tokenizer, reading control tokens' spellings as text. Loaded only for a
+        text that spells one: Qwen's holds some 90 MB, which a plain conversation never needs
+        (BENCHMARKS.md, "What the resident memory is made of")."""
         if self._text_tokenizer is None:
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
             tokenizer.encode_special_tokens = True
-            added = frozenset(token.content for token in tokenizer.get_added_tokens_decoder().values())
-            self._text_tokenizer = (tokenizer, added)
+            self._text_tokenizer = tokenizer
         return self._text_tokenizer
 
     def token_bytes(self, token_id: int) -> bytes:

@@ -68,6 +68,20 @@ def test_tune_measures_each_candidate_and_saves_the_winners(tuned: tuple[Path, d
     assert "profile:" in stdout and "saved to" in stdout
 
 
+def test_every_openvino_candidate_loads(tuned: tuple[Path, dict, str]) -> None:
+    """A step that changes a setting another one depends on carries that one along: bf16
+    arithmetic is tried with the f16 KV cache it loads with, not qwenrt's f32."""
+    _, document, _ = tuned
+    openvino = next(entry for entry in document["engines"] if entry["engine"] == "openvino")
+    for step in openvino["steps"]:
+        for candidate in step["candidates"]:
+            assert not candidate["failed"], (step["knob"], candidate["config"], candidate["failed"])
+    precision = next(step for step in openvino["steps"] if step["knob"] == "INFERENCE_PRECISION_HINT")
+    for candidate in precision["candidates"]:
+        if candidate["config"]["INFERENCE_PRECISION_HINT"] == "bf16":
+            assert candidate["config"]["KV_CACHE_PRECISION"] in ("f16", None)
+
+
 def test_a_crashing_candidate_is_out_and_remembered(tuned: tuple[Path, dict, str], tiny_model: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     home, document, _ = tuned

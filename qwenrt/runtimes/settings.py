@@ -12,6 +12,11 @@ an engine opens with is resolved to a value and an origin, first match wins:
 
 ``EngineOptions(engine_defaults=True)`` skips 1-3 for the knobs and threads alike: the
 engine exactly as its library opens it, the baseline that shows what the rest is worth.
+
+Some values load only beside some values of the knobs declared before them (``Knob.conflict``;
+OpenVINO's f32 KV cache only with f32 arithmetic). A command line that asks for such a pair
+is an error; a profile's or a rule's value that conflicts with what came before gives way to
+the next rule that fits, so a changed setting never leaves the engine unable to load.
 """
 
 from __future__ import annotations
@@ -54,9 +59,14 @@ class Knob:
     affects_safety: bool = True
     # The tune objectives this setting can change (None: all of them).
     objectives: frozenset[str] | None = None
+    # Why a value cannot load beside the values the earlier knobs run with (by name), or None.
+    conflict: Callable[[Any, Mapping[str, Any]], str | None] = lambda value, earlier: None
 
-    def rule_for(self, host: Host) -> Rule | None:
-        return next((rule for rule in self.rules if rule.applies(host)), None)
+    def rule_for(self, host: Host, earlier: Mapping[str, Any] | None = None) -> Rule | None:
+        """The first rule for ``host`` whose value loads beside ``earlier``."""
+        earlier = earlier or {}
+        return next((rule for rule in self.rules if rule.applies(host) and not self.conflict(rule.value, earlier)),
+                    None)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -149,16 +159,37 @@ def resolve(
         values[THREADS] = Setting(profile[THREADS], "profile")
     else:
         values[THREADS] = Setting(host.physical_cores, "rule", "one thread per physical core")
+    earlier: dict[str, Any] = {}  # what each knob resolved so far runs with
     for knob in knobs:
         if knob.name in given:
             setting = Setting(given[knob.name], "command line")
-        elif knob.name in profile:
+            if (why := knob.conflict(given[knob.name], earlier)) is not None:
+                from qwenrt.errors import QwenrtError
+
+                raise QwenrtError(f"{knob.name}={json.dumps(given[knob.name])} {why}")
+        elif knob.name in profile and not knob.conflict(profile[knob.name], earlier):
             setting = Setting(profile[knob.name], "profile")
-        elif (rule := knob.rule_for(host)) is not None:
+        elif (rule := knob.rule_for(host, earlier)) is not None:
             setting = Setting(rule.value, "rule", rule.why)
         else:
             setting = Setting(None, "engine default")
         if setting.value is None:
             setting = replace(setting, effective=knob.engine_default(host))
         values[knob.name] = setting
+        earlier[knob.name] = setting.value if setting.value is not None else setting.effective
     return ResolvedSettings(values)
+
+
+def fitted(knobs: tuple[Knob, ...], host: Host, config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` (every knob's value) with each value that cannot load beside the earlier
+    ones replaced by the first rule that fits, else the engine's default: what ``qwenrt tune``
+    measures when one of its steps changes a setting that a later one depends on."""
+    fitted_config = dict(config)
+    earlier: dict[str, Any] = {}
+    for knob in knobs:
+        value = fitted_config.get(knob.name)
+        if knob.name in fitted_config and knob.conflict(value, earlier):
+            rule = knob.rule_for(host, earlier)
+            value = fitted_config[knob.name] = rule.value if rule is not None else None
+        earlier[knob.name] = value if value is not None else knob.engine_default(host)
+    return fitted_config

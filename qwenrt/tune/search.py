@@ -33,7 +33,7 @@ from qwenrt.host import Host, this_host
 from qwenrt.runtimes import Engine, EngineOptions
 from qwenrt.runtimes.fingerprint import RunKey
 from qwenrt.runtimes.probe import ProbeRecord
-from qwenrt.runtimes.settings import THREADS
+from qwenrt.runtimes.settings import THREADS, fitted
 from qwenrt.tune.trial import TrialFailed, TrialSpec, TrialWorker
 
 MIN_GAIN = 0.01  # a candidate must beat the current value by more than this, in most rounds
@@ -153,10 +153,17 @@ class PlannedStep:
     combination: bool = False
     why: str = ""  # a combination's reason, as its engine gives it
 
-    def configs(self, current: dict[str, Any]) -> list[dict[str, Any]]:
-        """The current configuration first, then each option that changes it."""
+    def configs(
+        self, current: dict[str, Any], engine: type[Engine] | None = None, host: Host | None = None
+    ) -> list[dict[str, Any]]:
+        """The current configuration first, then each option that changes it; given the engine and
+        host, with what depends on the changed setting following it (an f32 KV cache does not load
+        beside bf16 arithmetic)."""
         changed = [{**current, **option} for option in self.options]
-        return [current, *(config for config in changed if config != current)]
+        if engine is not None and host is not None and not self.combination:  # a combination's go together
+            changed = [fitted(engine.knobs, host, config) for config in changed]
+        unique = [config for index, config in enumerate(changed) if config not in changed[:index]]
+        return [current, *(config for config in unique if config != current)]
 
 
 def plan(engine: type[Engine], objective: Objective, model_dir: Path, host: Host | None = None) -> list[PlannedStep]:
@@ -192,6 +199,7 @@ def tune_engine(
     progress: Callable[[str], None] = lambda _: None,
 ) -> TuneResult:
     started = time.monotonic()
+    host = this_host()
     current, key = starting_config(engine, model_dir)
     start = dict(current)
     steps: list[Step] = []
@@ -199,7 +207,7 @@ def tune_engine(
     pool = _WorkerPool(engine, model_dir, objective, key, record, progress)
     try:
         for planned in plan(engine, objective, model_dir):
-            configs = planned.configs(current)
+            configs = planned.configs(current, engine, host)
             if len(configs) == 1:
                 continue
             candidates = pool.run(configs, rounds, f"{engine.name} {planned.name}")
@@ -271,7 +279,12 @@ def can_still_win(values: list[float | None], current: list[float | None], round
 def choice_text(step: str, candidate: Candidate, current: Candidate | None = None) -> str:
     """A candidate's value of the step's setting; for a combination, the values it changes."""
     if step in candidate.config or candidate.config.get("engine_defaults"):
-        return _value_text(candidate.config.get(step), candidate)
+        text = _value_text(candidate.config.get(step), candidate)
+        if current is None or candidate.config.get("engine_defaults"):
+            return text
+        following = {name: value for name, value in candidate.config.items()
+                     if name != step and current.config.get(name) != value}  # fmt: skip
+        return f"{text} (with {_config_text(following)})" if following else text
     if current is None:
         return "qwenrt's settings" if step == VERSUS_DEFAULTS else f"without {step}"
     changes = {name: value for name, value in candidate.config.items() if current.config.get(name) != value}

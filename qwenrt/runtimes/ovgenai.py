@@ -236,7 +236,6 @@ class OpenVINOEngine(Engine):
         self.path = path
         # Read before the weights load, so that the parse's passing heap is not added to their peak.
         self._vocabulary = read_vocabulary(path / "tokenizer.json")
-        self._bytes, self._spellings = self._vocabulary.token_bytes, self._vocabulary.control_spellings
         try:
             # The plugin copies every weight into its own layout at LLMPipeline's first inference:
             # done here, not in the user's first answer, and the IR's pages read for the copy are
@@ -267,7 +266,7 @@ class OpenVINOEngine(Engine):
             )
         native = self._batcher.pipe if self._batcher is not None else self._pipe
         self._tokenizer = native.get_tokenizer()
-        self._vocabulary_size = _vocabulary_size(self.path, len(self._bytes))
+        self._vocabulary_size = _vocabulary_size(self.path, len(self._vocabulary.token_bytes))
         stop_ids = self._native_generation_config().stop_token_ids
         self._eos = frozenset({self._tokenizer.get_eos_token_id()} | set(stop_ids))
 
@@ -279,7 +278,7 @@ class OpenVINOEngine(Engine):
         self._model = ov.Core().compile_model(self.path / "openvino_model.xml", "CPU", self._properties)
         self._request = self._model.create_infer_request()
         self._tokenizer = ov_genai.Tokenizer(str(self.path))
-        self._vocabulary_size = _vocabulary_size(self.path, len(self._bytes))
+        self._vocabulary_size = _vocabulary_size(self.path, len(self._vocabulary.token_bytes))
         self._eos = frozenset({self._tokenizer.get_eos_token_id()})
         # A first inference copies the weights into the plugin's layout, inside the page release.
         self.window_logits(self.tokenize("Warm up the kernels."))
@@ -337,10 +336,11 @@ class OpenVINOEngine(Engine):
         return self._text_tokenizer
 
     def token_bytes(self, token_id: int) -> bytes:
-        return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+        table = self._vocabulary.token_bytes
+        return table[token_id] if 0 <= token_id < len(table) else b""
 
     def token_spelling(self, token_id: int) -> bytes:
-        return self._spellings.get(token_id) or self.token_bytes(token_id)
+        return self._vocabulary.control_spellings.get(token_id) or self.token_bytes(token_id)
 
     @property
     def vocabulary_size(self) -> int:

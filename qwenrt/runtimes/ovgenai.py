@@ -113,8 +113,8 @@ def _amx_mlp_applies(host: Host, model_dir: Path) -> bool:
 # src/plugins/intel_cpu/src/transformations/cpu_opset/x64/pass/mlp_fusion.cpp, nodes/llm_mlp.cpp).
 # Alone, bf16 is slower than f32 and per-token scales no faster than groups of 128; together
 # they shorten a short prompt's first token, at a cost in decode (BENCHMARKS.md, "Hosts").
-# An f32 cache refuses bf16 arithmetic; f16 keeps the answers as close to the float model as
-# without the combination's cache, where the plugin's u8 costs fidelity (and measured slower with it).
+# An f32 cache refuses bf16 arithmetic, so the combination takes f16: with it the answers stay
+# three times closer to the float model's than with the plugin's u8, which also measured slower.
 AMX_INT8_MLP = Combination(
     "AMX INT8 MLP", {PRECISION: "bf16", KV_CACHE_PRECISION: "f16", DYNAMIC_QUANTIZATION: PER_TOKEN},
     "the CPU plugin's fused AMX INT8 MLP kernel runs only with bf16 arithmetic and per-token scales, on "

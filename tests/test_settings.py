@@ -13,7 +13,7 @@ from conftest import QWENRT
 from qwenrt.errors import QwenrtError
 from qwenrt.host import this_host
 from qwenrt.runtimes import EngineOptions, GenerationConfig, engine_class, open_engine
-from qwenrt.runtimes.settings import Knob, Rule, fitted, resolve
+from qwenrt.runtimes.settings import THREADS, Knob, Rule, fitted, resolve
 from qwenrt.tune.search import Candidate, PlannedStep, choice_text
 
 
@@ -91,3 +91,40 @@ def test_the_command_line_says_which_pair_cannot_load(tiny_model: Path) -> None:
         'qwenrt: error: KV_CACHE_PRECISION="f32" does not load with INFERENCE_PRECISION_HINT="bf16": '
         "the CPU plugin wants them the same"
     ]
+
+
+def test_a_safe_fallback_takes_what_depends_on_it_along() -> None:
+    """A fallback overrides the command line; a value given beside it that cannot load with the
+    fallback's gives way to the next rule that fits, so the fallback itself can load."""
+    host = this_host()
+    given = resolve(KNOBS, host, threads=1, given={"arithmetic": "wide", "cache": "wide"}, profile=None,
+                    engine_defaults=False)  # fmt: skip
+    fallen_back = given.replaced({"arithmetic": "narrow"}, "rule", "wide arithmetic crashed here", KNOBS, host)
+    assert fallen_back.values["arithmetic"].value == "narrow"
+    cache = fallen_back.values["cache"]
+    assert (cache.value, cache.origin) == ("half", "rule")
+    assert cache.why == 'the closest that loads (cache="wide" wants the same arithmetic)'
+    assert fallen_back.values[THREADS] == given.values[THREADS]
+
+
+def test_openvino_s_fallback_from_a_bf16_pair_loads(tiny_model: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Asked for bf16 arithmetic with a bf16 cache, on a host where that crashes (the test switch),
+    the probe's fallback to f32 arithmetic takes the cache to one that loads beside it, and the
+    engine answers instead of failing to load."""
+    from qwenrt.runtimes.ovgenai import KV_CACHE_PRECISION, PRECISION
+    from qwenrt.runtimes.probe import CRASH_SWITCH
+
+    engine = engine_class("openvino")
+    if "bf16" not in next(knob for knob in engine.knobs if knob.name == PRECISION).candidates(this_host()):
+        pytest.skip("the CPU plugin offers no bf16 arithmetic on this CPU")
+    monkeypatch.setenv("QWENRT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(CRASH_SWITCH, f'openvino:{PRECISION}="bf16"')
+    options = EngineOptions(threads=1, settings={PRECISION: "bf16", KV_CACHE_PRECISION: "bf16"})
+    with pytest.warns(UserWarning, match="bf16/f16 arithmetic"), open_engine("openvino", tiny_model, options) as opened:
+        assert opened.settings()[PRECISION] == "f32"
+        cache = opened.resolved.values[KV_CACHE_PRECISION]
+        assert cache.value != "bf16" and cache.origin in ("rule", "engine default")
+        assert "wants them the same" in cache.why
+        end = list(opened.stream_chat([{"role": "user", "content": "Hello"}], GenerationConfig(max_tokens=4)))[-1]
+        assert end.generated_tokens > 0

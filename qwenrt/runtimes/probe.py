@@ -174,7 +174,9 @@ def safe_settings(
             if all(settings.get(name) == value for name, value in fallback.changes.items()):
                 continue  # already so: nothing to fall back to
             assert first_crash is not None
-            candidate = settings.replaced(fallback.changes, "rule", f"{fallback.turns_off} crashed {engine.name} here")
+            candidate = settings.replaced(
+                fallback.changes, "rule", f"{fallback.turns_off} crashed {engine.name} here", engine.knobs, key.host
+            )
         signature = candidate.signature(engine.knobs)
         outcome = None if fresh else record.outcome(signature)
         ran = outcome is None

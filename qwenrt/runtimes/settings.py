@@ -16,7 +16,9 @@ engine exactly as its library opens it, the baseline that shows what the rest is
 Some values load only beside some values of the knobs declared before them (``Knob.conflict``;
 OpenVINO's f32 KV cache only with f32 arithmetic). A command line that asks for such a pair
 is an error; a profile's or a rule's value that conflicts with what came before gives way to
-the next rule that fits, so a changed setting never leaves the engine unable to load.
+the next rule that fits, so a changed setting never leaves the engine unable to load. So does any
+value, the command line's too, beside a safe fallback that the probe had to take
+(``ResolvedSettings.replaced``).
 """
 
 from __future__ import annotations
@@ -109,9 +111,28 @@ class ResolvedSettings:
         setting = self.values.get(name)
         return default if setting is None or setting.value is None else setting.value
 
-    def replaced(self, changes: Mapping[str, Any], origin: Origin, why: str) -> ResolvedSettings:
-        changed = {name: Setting(value, origin, why) for name, value in changes.items()}
-        return ResolvedSettings({**self.values, **changed})
+    def replaced(self, changes: Mapping[str, Any], origin: Origin, why: str, knobs: tuple[Knob, ...],
+                 host: Host) -> ResolvedSettings:  # fmt: skip
+        """These settings with ``changes``, and each other knob's value that cannot load beside
+        them replaced by the first rule for ``host`` that fits, else the engine's default: a safe
+        fallback overrides the command line too, and what depends on it follows."""
+        values = {**self.values, **{name: Setting(value, origin, why) for name, value in changes.items()}}
+        earlier: dict[str, Any] = {}
+        for knob in knobs:
+            setting = values.get(knob.name)
+            if setting is None:
+                continue
+            value = setting.value if setting.value is not None else setting.effective
+            if knob.name not in changes and (conflict := knob.conflict(value, earlier)) is not None:
+                rule = knob.rule_for(host, earlier)
+                given_way = f"{knob.name}={json.dumps(value)} {conflict}"
+                setting = values[knob.name] = (
+                    Setting(rule.value, "rule", f"{rule.why} ({given_way})") if rule is not None
+                    else Setting(None, "engine default", given_way, effective=knob.engine_default(host))
+                )  # fmt: skip
+                value = setting.value if setting.value is not None else setting.effective
+            earlier[knob.name] = value
+        return ResolvedSettings(values)
 
     def effective(self, name: str) -> Any:
         """The value the engine runs with: the one qwenrt sets, else the engine's own where known."""

@@ -10,6 +10,8 @@ best prefill of 3; rounds interleave the settings so that a busy moment hits all
     python bench/llama_ubatch.py --long     # -> bench/llama_ubatch_long.json
     python bench/llama_ubatch.py --long --ubatches 512,256,64 --prompts 512,2048,3500 \
         --out bench/llama_ubatch_amx.json   # the AMX host's run
+    python bench/llama_ubatch.py --long --ubatches 256 --prompts 512,2048 --flash-attention false,true \
+        --rounds 3 --out bench/llama_flash_attention_amx_HH-MM.json   # flash attention on long prompts
 
 ``--long`` measures through qwenrt's own engine and `compare`'s cell instead of a bare
 loop (qwenrt's peak is lower: it samples in its own code), at 1024, 2048 and 3500 prompt
@@ -27,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from qwenrt.host import this_host
 from qwenrt.manifest import GGUF_KEY, artifact_files
 from qwenrt.paths import default_model_dir
 from qwenrt.procfs import peak_rss_bytes
@@ -67,17 +70,19 @@ def long_prompt_file(prompt_tokens: int) -> Path:
     return cache_root() / "bench" / f"prompt-{prompt_tokens}.txt"
 
 
-def qwenrt_cell(model: Path, n_ubatch: int, prompt_tokens: int) -> dict:
+def qwenrt_cell(model: Path, n_ubatch: int, prompt_tokens: int, flash_attention: bool | None = None) -> dict:
     from qwenrt.compare.measure import CellSpec, run_cell
 
     # Written by the parent: making it here would open an engine and raise this process's peak.
     prompt = long_prompt_file(prompt_tokens).read_text()
+    flash = {} if flash_attention is None else {"flash_attention": flash_attention}
     cell = run_cell(CellSpec(runtime="gguf", model_dir=str(model), threads=THREADS, scenario=f"prompt-{prompt_tokens}",
                              prompt=prompt, max_tokens=16, repeat=2, warmup=1,
-                             settings={"n_ubatch": n_ubatch}))  # fmt: skip
+                             settings={"n_ubatch": n_ubatch, **flash}))  # fmt: skip
     assert cell.settings["n_ubatch"] == n_ubatch
-    return {"n_ubatch": n_ubatch, "prompt_tokens": cell.prompt_tokens, "prefill_tps": cell.prefill_tps.median,
-            "peak_rss_bytes": cell.peak_rss_bytes, "artifact_bytes": cell.artifact_bytes}  # fmt: skip
+    return {"n_ubatch": n_ubatch, **flash, "prompt_tokens": cell.prompt_tokens, "prefill_tps": cell.prefill_tps.median,
+            "decode_tps": cell.decode_tps.median if cell.decode_tps else None, "peak_rss_bytes": cell.peak_rss_bytes,
+            "artifact_bytes": cell.artifact_bytes}  # fmt: skip
 
 
 def main() -> None:
@@ -88,16 +93,26 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="long prompts, through qwenrt's engine")
     parser.add_argument("--ubatches", default=None, help="micro-batch sizes, e.g. 512,256,64 [default: per mode]")
     parser.add_argument("--prompts", default=None, help="prompt lengths, e.g. 512,2048,3500 [default: per mode]")
+    parser.add_argument(
+        "--flash-attention",
+        default=None,
+        help="with --long: flash attention off and on, e.g. false,true [default: qwenrt's setting]",
+    )
     parser.add_argument("--cell", nargs=2, type=int, metavar=("N_UBATCH", "PROMPT_TOKENS"), help=argparse.SUPPRESS)
+    parser.add_argument("--cell-flash", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
-        print(json.dumps((qwenrt_cell if args.long else cell)(args.model, *args.cell)))
+        flash = {} if args.cell_flash is None else {"flash_attention": json.loads(args.cell_flash)}
+        print(json.dumps(qwenrt_cell(args.model, *args.cell, **flash) if args.long else cell(args.model, *args.cell)))
         return
     ubatches, prompts = (LONG_UBATCHES, LONG_PROMPTS) if args.long else (UBATCHES, PROMPTS)
     if args.ubatches:
         ubatches = tuple(int(size) for size in args.ubatches.split(","))
     if args.prompts:
         prompts = tuple(int(length) for length in args.prompts.split(","))
+    flashes: tuple[str | None, ...] = tuple(args.flash_attention.split(",")) if args.flash_attention else (None,)
+    if args.flash_attention and not args.long:
+        parser.error("--flash-attention needs --long (qwenrt's engine)")
     if args.long:
         from run import prompt_of
 
@@ -109,27 +124,39 @@ def main() -> None:
     runs = []
     for round_index in range(args.rounds):
         for prompt_tokens in prompts:
-            for n_ubatch in ubatches:
+            for n_ubatch, flash in ((n_ubatch, flash) for n_ubatch in ubatches for flash in flashes):
                 command = [sys.executable, __file__, "--model", str(args.model), "--cell", str(n_ubatch),
-                           str(prompt_tokens), *(["--long"] if args.long else [])]  # fmt: skip
+                           str(prompt_tokens), *(["--long"] if args.long else []),
+                           *(["--cell-flash", flash] if flash is not None else [])]  # fmt: skip
                 result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
                 runs.append({"round": round_index, "prompt_tokens_asked": prompt_tokens, **result})
                 peak_mb = result["peak_rss_bytes"] / 1e6
-                print(f"round {round_index + 1}: n_ubatch {n_ubatch:4}, {prompt_tokens:5} prompt tokens: "
-                      f"{result['prefill_tps']:6.1f} tok/s, peak {peak_mb:5.0f} MB", flush=True)  # fmt: skip
-    summary = [
-        {"n_ubatch": n_ubatch, "prompt_tokens": prompt_tokens,
-         "prefill_tps_median": statistics.median(r["prefill_tps"] for r in same),
-         "peak_rss_bytes_max": max(r["peak_rss_bytes"] for r in same),
-         "peak_over_artifact": max(r["peak_rss_bytes"] / r["artifact_bytes"] for r in same)}
-        for prompt_tokens in prompts for n_ubatch in ubatches
-        if (same := [r for r in runs if r["n_ubatch"] == n_ubatch and r["prompt_tokens_asked"] == prompt_tokens])
-    ]  # fmt: skip
-    args.out.write_text(json.dumps({"threads": THREADS, "context": CONTEXT, "new_tokens": NEW_TOKENS,
-                                    "summary": summary, "runs": runs}, indent=1) + "\n")  # fmt: skip
-    print("| prompt tokens | n_ubatch | prefill tok/s (median) | peak RSS (× artifact) |\n| --- | --- | --- | --- |")
+                flash_text = "" if flash is None else f", flash attention {flash:5}"
+                decode_text = f", decode {result['decode_tps']:4.1f} tok/s" if result.get("decode_tps") else ""
+                print(f"round {round_index + 1}: n_ubatch {n_ubatch:4}{flash_text}, {prompt_tokens:5} prompt "
+                      f"tokens: {result['prefill_tps']:6.1f} tok/s{decode_text}, peak {peak_mb:5.0f} MB",
+                      flush=True)  # fmt: skip
+    summary = []
+    for prompt_tokens, n_ubatch, flash in ((p, u, f) for p in prompts for u in ubatches for f in flashes):
+        same = [r for r in runs if r["n_ubatch"] == n_ubatch and r["prompt_tokens_asked"] == prompt_tokens
+                and (flash is None or r.get("flash_attention") == json.loads(flash))]  # fmt: skip
+        decodes = [r["decode_tps"] for r in same if r.get("decode_tps")]
+        summary.append({"n_ubatch": n_ubatch, **({} if flash is None else {"flash_attention": json.loads(flash)}),
+                        "prompt_tokens": prompt_tokens,
+                        "prefill_tps_median": statistics.median(r["prefill_tps"] for r in same),
+                        **({"decode_tps_median": statistics.median(decodes)} if decodes else {}),
+                        "peak_rss_bytes_max": max(r["peak_rss_bytes"] for r in same),
+                        "peak_over_artifact": max(r["peak_rss_bytes"] / r["artifact_bytes"] for r in same),
+                        })  # fmt: skip
+    args.out.write_text(json.dumps({"host": this_host().describe(), "threads": THREADS,
+                                    "context": CONTEXT, "new_tokens": NEW_TOKENS, "summary": summary, "runs": runs},
+                                   indent=1) + "\n")  # fmt: skip
+    print("| prompt tokens | n_ubatch | flash attention | prefill tok/s (median) | decode tok/s "
+          "| peak RSS (× artifact) |\n| --- | --- | --- | --- | --- | --- |")  # fmt: skip
     for row in summary:
-        print(f"| {row['prompt_tokens']} | {row['n_ubatch']} | {row['prefill_tps_median']:.0f} | "
+        decode = f"{row['decode_tps_median']:.1f}" if "decode_tps_median" in row else ""
+        print(f"| {row['prompt_tokens']} | {row['n_ubatch']} | {row.get('flash_attention', '')} | "
+              f"{row['prefill_tps_median']:.0f} | {decode} | "
               f"{row['peak_rss_bytes_max'] / 1e6:.0f} MB ({row['peak_over_artifact']:.2f}×) |")  # fmt: skip
 
 

@@ -68,7 +68,11 @@ class LlamaCppEngine(Engine):
         # Weight repacking for the CPU's own kernels; on x86 the one that takes Q8_0 is AMX.
         Knob(EXTRA_BUFFER_TYPES, "repack weights for this CPU's special kernels (AMX on Intel Xeon)",
              lambda host: (True, False), lambda host: True),
-        Knob(FLASH_ATTENTION, "llama.cpp's fused attention kernel", lambda host: (False, True), lambda host: False),
+        # On CPUs its fused kernel prefills long prompts faster but decodes slower, the more so the
+        # longer the context; a short chat turn sees neither, so tune could keep it on noise alone
+        # (BENCHMARKS.md, "Flash attention on long prompts"). Only the prefill objective weighs it.
+        Knob(FLASH_ATTENTION, "llama.cpp's fused attention kernel (faster long prompts, slower decode on CPUs)",
+             lambda host: (False, True), lambda host: False, objectives=frozenset({"prefill"})),
         Knob(N_UBATCH, "prompt tokens computed at a time", lambda host: (64, 256, 512), lambda host: 512, rules=(
             # llama.cpp's AMX kernels gain from micro-batches of more than 64 tokens, and with the
             # weights repacked into their own buffer (the GGUF's pages handed back) a 256-token

@@ -248,12 +248,12 @@ class Engine(ABC):
         ``digest`` names the artifact where its manifest is not beside it yet (conversion's staging)."""
         from qwenrt.host import this_host
         from qwenrt.runtimes.fingerprint import run_key
-        from qwenrt.runtimes.profiles import load_profile
+        from qwenrt.runtimes.profiles import load_profile, measured_settings
 
         key = run_key(cls.name, cls.packages, cls.artifact_path(model_dir), digest)
         profile = load_profile(key) if options.use_profile and not options.engine_defaults else None
         settings = resolve(cls.knobs, this_host(), threads=options.threads, given=options.settings,
-                           profile=profile["settings"] if profile else None,
+                           profile=measured_settings(profile, cls.knobs) if profile else None,
                            engine_defaults=options.engine_defaults)  # fmt: skip
         return settings, key
 

@@ -10,12 +10,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwenrt.errors import WriteError
 from qwenrt.paths import cache_root
 from qwenrt.runtimes.fingerprint import RunKey
+from qwenrt.runtimes.settings import THREADS
+
+if TYPE_CHECKING:
+    from qwenrt.runtimes.settings import Knob
 
 # /2: tune no longer offers OpenVINO's u8 KV cache, which costs fidelity it does not measure; a
 # /1 profile may hold it (README, "The KV cache's precision"), so it is not read.
@@ -39,6 +44,17 @@ def load_profile(key: RunKey) -> dict[str, Any] | None:
     if not isinstance(profile, dict) or profile.get("schema") != PROFILE_SCHEMA:
         return None
     return profile if isinstance(profile.get("settings"), dict) else None
+
+
+def measured_settings(profile: Mapping[str, Any], knobs: tuple[Knob, ...]) -> dict[str, Any]:
+    """The profile's settings that its tune measured: the threads and each knob its objective
+    weighs. The others were saved as qwenrt's rules of the day, and today's rules decide them: a
+    profile tuned for the short chat answer never pins llama.cpp's flash attention, whose cost to
+    a longer context's decode that objective cannot see (BENCHMARKS.md, "Flash attention on long
+    prompts")."""
+    objective = profile.get("objective")
+    weighed = {knob.name for knob in knobs if knob.objectives is None or objective in knob.objectives}
+    return {name: value for name, value in profile["settings"].items() if name == THREADS or name in weighed}
 
 
 def save_profile(key: RunKey, settings: dict[str, Any], evidence: dict[str, Any]) -> Path:

@@ -567,7 +567,7 @@ def tune(model: Path | None, runtimes: str, objective: str, rounds: int, dry_run
 
     from qwenrt.host import this_host
     from qwenrt.runtimes import engine_class
-    from qwenrt.runtimes.profiles import save_profile
+    from qwenrt.runtimes.profiles import measured_settings, save_profile
     from qwenrt.tune import report
     from qwenrt.tune.search import OBJECTIVES, plan, starting_config, tune_engine
 
@@ -601,8 +601,9 @@ def tune(model: Path | None, runtimes: str, objective: str, rounds: int, dry_run
         if live:
             click.echo("\r\033[K", nl=False, err=True)
         evidence = {"objective": goal.name, "created": datetime_now(), "tuned": result.describe()}
-        saved = save_profile(result.key, result.winner, evidence)
-        click.echo("\n" + report.render_result(result, str(saved)))
+        pinned = measured_settings(result.winner, goal.name, engine.knobs)
+        saved = save_profile(result.key, pinned, evidence)
+        click.echo("\n" + report.render_result(result, pinned, str(saved)))
         results.append(result.describe())
     if json_out is not None and not dry_run:
         document = {"schema": "qwenrt.tune/1", "host": host.describe(), "objective": goal.name, "engines": results}

@@ -63,10 +63,14 @@ def test_tune_measures_each_candidate_and_saves_the_winners(tuned: tuple[Path, d
                 assert candidate["failed"] or len(candidate["values"]) == 1
         versus = entry["versus_engine_defaults"]
         assert [c["config"].get("engine_defaults", False) for c in versus["candidates"]] == [False, True]
+        # The profile keeps what the objective measured; llama.cpp's flash attention and micro-batch
+        # stay with the rules.
         saved = json.loads(next((home / "profiles").glob(f"{name}-*.json")).read_text())
-        assert saved["settings"] == entry["winner"]
+        unweighed = {knob.name for knob in engine_class(name).knobs if knob.objectives is not None}
+        assert saved["settings"] == {s: v for s, v in entry["winner"].items() if s not in unweighed}
         assert saved["key"]["cpu"] == this_host().cpu
     assert "profile:" in stdout and "saved to" in stdout
+    assert "flash_attention, n_ubatch: qwenrt's rules (not weighed by end-to-end)" in stdout
 
 
 def test_every_openvino_candidate_loads(tuned: tuple[Path, dict, str]) -> None:
@@ -106,14 +110,13 @@ def test_commands_use_the_profile_and_say_so(tuned: tuple[Path, dict, str], tiny
         # What the end-to-end objective does not weigh (llama.cpp's flash attention and micro-batch)
         # stays with qwenrt's rules.
         unweighed = {knob.name for knob in engine_class(name).knobs if knob.objectives is not None}
+        pinned = {setting: value for setting, value in winner.items() if setting not in unweighed}
         engine = open_engine(name, tiny_model)
         with engine:
             origins = {setting: value.origin for setting, value in engine.resolved.values.items()}
-            assert {setting: origin for setting, origin in origins.items() if setting not in unweighed} == {
-                setting: "profile" for setting in winner if setting not in unweighed}, origins  # fmt: skip
+            assert {setting: origins[setting] for setting in pinned} == dict.fromkeys(pinned, "profile"), origins
             assert all(origins[setting] in ("rule", "engine default") for setting in unweighed), origins
-            assert {s: v for s, v in engine.resolved.plain().items() if s not in unweighed} == {
-                s: v for s, v in winner.items() if s not in unweighed}  # fmt: skip
+            assert {setting: engine.resolved.plain()[setting] for setting in pinned} == pinned
         # The command line still wins over the profile.
         with open_engine(name, tiny_model, EngineOptions(threads=1)) as engine:
             assert engine.resolved.values["threads"].origin == "command line"
@@ -145,7 +148,7 @@ def test_a_profile_pins_only_what_its_objective_measured(tiny_model: Path, tmp_p
     _, key = gguf.resolve_settings(tiny_model, EngineOptions())
     chosen = {"threads": 1, "extra_buffer_types": True, "flash_attention": True, "n_ubatch": 512}
     for objective, pinned in (("end-to-end", False), ("prefill", True)):
-        save_profile(key, chosen, {"objective": objective})
+        save_profile(key, chosen, {"objective": objective})  # as a profile saved before tune left them out
         settings, _ = gguf.resolve_settings(tiny_model, EngineOptions())
         assert (settings["threads"], settings.values["threads"].origin) == (1, "profile")
         flash = settings.values["flash_attention"]

@@ -252,8 +252,9 @@ class Engine(ABC):
 
         key = run_key(cls.name, cls.packages, cls.artifact_path(model_dir), digest)
         profile = load_profile(key) if options.use_profile and not options.engine_defaults else None
-        settings = resolve(cls.knobs, this_host(), threads=options.threads, given=options.settings,
-                           profile=measured_settings(profile, cls.knobs) if profile else None,
+        # A profile saved before tune left out what its objective does not weigh may still hold it.
+        pinned = measured_settings(profile["settings"], profile.get("objective"), cls.knobs) if profile else None
+        settings = resolve(cls.knobs, this_host(), threads=options.threads, given=options.settings, profile=pinned,
                            engine_defaults=options.engine_defaults)  # fmt: skip
         return settings, key
 

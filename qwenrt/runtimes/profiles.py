@@ -46,15 +46,14 @@ def load_profile(key: RunKey) -> dict[str, Any] | None:
     return profile if isinstance(profile.get("settings"), dict) else None
 
 
-def measured_settings(profile: Mapping[str, Any], knobs: tuple[Knob, ...]) -> dict[str, Any]:
-    """The profile's settings that its tune measured: the threads and each knob its objective
-    weighs. The others were saved as qwenrt's rules of the day, and today's rules decide them: a
-    profile tuned for the short chat answer never pins llama.cpp's flash attention, whose cost to
-    a longer context's decode that objective cannot see (BENCHMARKS.md, "Flash attention on long
-    prompts")."""
-    objective = profile.get("objective")
+def measured_settings(settings: Mapping[str, Any], objective: str | None, knobs: tuple[Knob, ...]) -> dict[str, Any]:
+    """Of a tune's ``settings``, what it measured: the threads and each knob that ``objective``
+    weighs, which is what a profile keeps. The others are qwenrt's rules of the day, and the
+    rules of the day they are used decide them: a profile tuned for the short chat answer never
+    pins llama.cpp's flash attention, whose cost to a longer context's decode that objective
+    cannot see (BENCHMARKS.md, "Flash attention on long prompts")."""
     weighed = {knob.name for knob in knobs if knob.objectives is None or objective in knob.objectives}
-    return {name: value for name, value in profile["settings"].items() if name == THREADS or name in weighed}
+    return {name: value for name, value in settings.items() if name == THREADS or name in weighed}
 
 
 def save_profile(key: RunKey, settings: dict[str, Any], evidence: dict[str, Any]) -> Path:

@@ -65,7 +65,9 @@ def step_rows(step: Step, objective: Objective) -> list[list[str]]:
     return rows
 
 
-def render_result(result: TuneResult, saved: str | None) -> str:
+def render_result(result: TuneResult, pinned: dict[str, Any], saved: str | None) -> str:
+    """The steps, each candidate's figures and why each setting was kept or changed; then the
+    profile: ``pinned``, what of the winner the objective measured."""
     objective = result.objective
     headers = ["setting", "value", f"{objective.name} ({objective.unit}), median", "rounds"]
     rows: list[list[str]] = []
@@ -80,6 +82,8 @@ def render_result(result: TuneResult, saved: str | None) -> str:
     if result.versus_defaults is not None:
         versus = result.versus_defaults
         lines.append(f"  against the engine's own defaults: {versus.why}")
-    chosen = ", ".join(f"{name}={_value(value)}" for name, value in result.winner.items())
-    lines.append(f"  profile: {chosen}" + (f"\n  saved to {saved}" if saved else ""))
+    chosen = ", ".join(f"{name}={_value(value)}" for name, value in pinned.items())
+    ruled = [name for name in result.winner if name not in pinned]
+    unweighed = f"; {', '.join(ruled)}: qwenrt's rules (not weighed by {result.objective.name})" if ruled else ""
+    lines.append(f"  profile: {chosen}{unweighed}" + (f"\n  saved to {saved}" if saved else ""))
     return "\n".join(lines)

@@ -315,6 +315,14 @@ def _read_prompt_file(path: Path) -> str:
 @click.option("--max-tokens", type=int, default=128, show_default=True, help="Tokens generated per repetition.")
 @click.option("--repeat", type=int, default=5, show_default=True, help="Measured repetitions per cell.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Discarded repetitions per cell.")
+@click.option(
+    "--rounds",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Measure every cell this many times, each in a fresh process, the cells taking turns, and pool "
+    "the repetitions: drift in the machine's speed then falls on every engine alike.",
+)
 @click.option("--timeout", type=float, default=900, show_default=True, help="Seconds allowed per cell.")
 @click.option("--pin", is_flag=True, help="Pin threads to physical cores.")
 @click.option("--huge-pages", is_flag=True, help=HUGE_PAGES_HELP)
@@ -339,7 +347,7 @@ def _read_prompt_file(path: Path) -> str:
 @click.option("--markdown", "markdown_out", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="PNG chart.")
 def compare(model: Path | None, runtimes: str, threads_list: str | None, scenario: str, prompt: str | None,
-            prompt_file: Path | None, max_tokens: int, repeat: int, warmup: int, timeout: float, pin: bool,
+            prompt_file: Path | None, max_tokens: int, repeat: int, warmup: int, rounds: int, timeout: float, pin: bool,
             huge_pages: bool, set_values: tuple[str, ...], engine_defaults: bool, quality: bool, ladder: bool,
             json_out: Path | None, csv_out: Path | None, markdown_out: Path | None,
             plot_out: Path | None) -> None:  # fmt: skip
@@ -369,8 +377,10 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
         raise type(first)(f"{first}{instead}")
     thread_counts = [ThreadPlan.resolve(n).threads for n in _int_list(threads_list, "--threads")] if threads_list \
         else [ThreadPlan.resolve(None).threads]  # fmt: skip
-    if max_tokens < 2 or repeat < 1 or warmup < 0:
-        raise QwenrtError("need --max-tokens of 2 or more, --repeat of 1 or more and --warmup of 0 or more")
+    if max_tokens < 2 or repeat < 1 or warmup < 0 or rounds < 1:
+        raise QwenrtError(
+            "need --max-tokens of 2 or more, --repeat and --rounds of 1 or more and --warmup of 0 or more"
+        )
     if timeout <= 0:
         raise QwenrtError(f"--timeout must be more than 0 seconds, not {timeout:g}")
     for path in (json_out, csv_out, markdown_out, plot_out):
@@ -414,7 +424,8 @@ def compare(model: Path | None, runtimes: str, threads_list: str | None, scenari
 
     if quality:
         engine_class("transformers").artifact_path(model_dir)  # the float model, before minutes of measuring
-    result = run_comparison(specs, timeout_s=timeout, progress=progress, kind="ladder" if ladder else "comparison")
+    result = run_comparison(specs, timeout_s=timeout, progress=progress, kind="ladder" if ladder else "comparison",
+                            rounds=rounds)  # fmt: skip
     if quality and not result["interrupted"]:
         from qwenrt.compare.runner import add_quality
 

@@ -187,6 +187,27 @@ def test_failed_cell_is_reported_and_others_still_run(small_model: Path, tmp_pat
     assert "FAILED openvino" in result.stdout
 
 
+def test_rounds_take_turns_in_fresh_processes_and_pool_their_repetitions(tiny_model: Path, tmp_path: Path) -> None:
+    """compare --rounds: every cell measured once per round, each time in a fresh process, the
+    engines taking turns in an order that rotates; a cell's figures pool its rounds' repetitions."""
+    out = tmp_path / "r.json"
+    result = run_compare("--model", str(tiny_model), "--threads", "1", "--max-tokens", "8", "--repeat", "2",
+                         "--warmup", "0", "--rounds", "3", "--json", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    turns = [line.split("] ")[1].split(" ×")[0] for line in result.stderr.splitlines() if line.startswith("[")]
+    assert turns == ["gguf", "openvino", "openvino", "gguf", "gguf", "openvino"]
+    data = json.loads(out.read_text())
+    jsonschema.validate(data, SCHEMA)
+    assert data["settings"]["rounds"] == 3
+    for cell in ok_cells(data):
+        assert cell["rounds"] == 3 and cell["repeat"] == 6 and cell["first_token_s"]["n"] == 6
+        firsts = [sample["first_token_s"] for sample in cell["samples"]]
+        assert len(firsts) == 6 and cell["first_token_s"]["median"] == pytest.approx(summarise(firsts)["median"])
+        assert cell["peak_rss_bytes"] >= cell["rss_after_load_bytes"] > 0
+    assert len(ok_cells(data)) == 2
+    assert "6 repetitions in 3 interleaved rounds" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -197,6 +218,7 @@ def test_failed_cell_is_reported_and_others_still_run(small_model: Path, tmp_pat
         (["--scenario", "nope"], "unknown scenario"),
         (["--runtimes", "onnx"], "unknown runtime"),
         (["--ladder", "--huge-pages", "--threads", "1"], "drop --threads, --huge-pages or leave out --ladder"),
+        (["--rounds", "0"], "--repeat and --rounds of 1 or more"),
     ],
 )
 def test_bad_options_give_one_line_errors(small_model: Path, args: list[str], message: str) -> None:

@@ -80,6 +80,10 @@ class Cell:
     decode_ceiling: DecodeCeiling | None = None  # added once every cell has run
     # The artifact against the float model (compare --quality; qwenrt.eval.scoring.Quality's fields)
     quality: dict[str, float] | None = None
+    # compare --rounds: how many fresh processes measured the cell, taking turns with the other
+    # cells; the figures above pool their repetitions, each repetition's own in ``samples``.
+    rounds: int = 1
+    samples: list[dict[str, Any]] = field(default_factory=list)
     status: Literal["ok"] = "ok"
 
     def to_json(self) -> dict[str, Any]:

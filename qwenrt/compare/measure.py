@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -195,13 +196,6 @@ def _cell_result(
     cached_first_token_s: float | None, resident: dict[str, int | None],
 ) -> Cell:  # fmt: skip
     """The cell's figures; ``resident`` holds the memory readings, the peak among them."""
-    logical = psutil.cpu_count(logical=True) or 1
-    cores = Summary.of(summarise([r.cpu_cores for r in repetitions]))
-    per_core = [sum(r.per_core_busy[i] for r in repetitions) / len(repetitions) for i in range(logical)]
-    first_token = Summary.of(summarise([r.first_token_s for r in repetitions]))
-    prefill = Summary.of(summarise([r.prefill_tps for r in repetitions]))
-    end_to_end = Summary.of(summarise([r.end_to_end_s for r in repetitions]))
-    assert first_token is not None and prefill is not None and end_to_end is not None  # one repetition or more
     return Cell(
         runtime=spec.runtime,
         threads=spec.threads,
@@ -215,26 +209,64 @@ def _cell_result(
         prompt_ids_sha256=_ids_digest(prompt_ids),
         generated_tokens=repetitions[0].generated_tokens,
         load_s=load_s,
-        first_token_s=first_token,
         first_token_cached_s=cached_first_token_s,
-        prefill_tps=prefill,
-        decode_tps=Summary.of(summarise([r.decode_tps for r in repetitions if r.decode_tps is not None])),
-        inter_token_ms=Summary.of(summarise([gap for r in repetitions for gap in r.inter_token_ms])),
-        end_to_end_s=end_to_end,
-        cpu=CpuUse(
-            cores_used=cores,
-            percent_of_threads=100 * cores.median / spec.threads if cores else None,
-            percent_of_machine=100 * cores.median / logical if cores else None,
-            per_core_busy_percent=per_core,
-        ),
         rss_after_load_bytes=rss_after_load,
         peak_rss_bytes=resident["peak_rss_bytes"] or 0,
         rss_private_bytes=resident["rss_private_bytes"],
         rss_file_backed_bytes=resident["rss_file_backed_bytes"],
         artifact_bytes=_artifact_size(Path(settings["artifact"])),
         token_ids=repetitions[0].token_ids,
-        repeat=len(repetitions),
         pid=os.getpid(),
+        samples=[{name: value for name, value in asdict(r).items() if name != "token_ids"} for r in repetitions],
+        **_summaries(repetitions, spec.threads),
+    )
+
+
+def _summaries(repetitions: list[Repetition], threads: int) -> dict[str, Any]:
+    """A cell's figures over its repetitions (the fields of :class:`Cell` that summarise them)."""
+    logical = psutil.cpu_count(logical=True) or 1
+    cores = Summary.of(summarise([r.cpu_cores for r in repetitions]))
+    per_core = [sum(r.per_core_busy[i] for r in repetitions) / len(repetitions) for i in range(logical)]
+    first_token = Summary.of(summarise([r.first_token_s for r in repetitions]))
+    prefill = Summary.of(summarise([r.prefill_tps for r in repetitions]))
+    end_to_end = Summary.of(summarise([r.end_to_end_s for r in repetitions]))
+    assert first_token is not None and prefill is not None and end_to_end is not None  # one repetition or more
+    return {
+        "first_token_s": first_token,
+        "prefill_tps": prefill,
+        "decode_tps": Summary.of(summarise([r.decode_tps for r in repetitions if r.decode_tps is not None])),
+        "inter_token_ms": Summary.of(summarise([gap for r in repetitions for gap in r.inter_token_ms])),
+        "end_to_end_s": end_to_end,
+        "cpu": CpuUse(
+            cores_used=cores,
+            percent_of_threads=100 * cores.median / threads if cores else None,
+            percent_of_machine=100 * cores.median / logical if cores else None,
+            per_core_busy_percent=per_core,
+        ),
+        "repeat": len(repetitions),
+    }
+
+
+def pooled(rounds: list[Cell]) -> Cell:
+    """One cell from the rounds that measured the same spec (compare --rounds), each in a fresh
+    process: their repetitions pooled into one set of figures, the load time the rounds' median,
+    the memory readings those of the round that peaked highest."""
+    if len(rounds) == 1:
+        return rounds[0]
+    repetitions = [Repetition(**sample, token_ids=[]) for cell in rounds for sample in cell.samples]
+    highest = max(rounds, key=lambda cell: cell.peak_rss_bytes)
+    cached = [cell.first_token_cached_s for cell in rounds if cell.first_token_cached_s is not None]
+    return replace(
+        rounds[0],
+        load_s=statistics.median(cell.load_s for cell in rounds),
+        first_token_cached_s=statistics.median(cached) if cached else None,
+        rss_after_load_bytes=highest.rss_after_load_bytes,
+        peak_rss_bytes=highest.peak_rss_bytes,
+        rss_private_bytes=highest.rss_private_bytes,
+        rss_file_backed_bytes=highest.rss_file_backed_bytes,
+        rounds=len(rounds),
+        samples=[sample for cell in rounds for sample in cell.samples],
+        **_summaries(repetitions, rounds[0].threads),
     )
 
 

@@ -243,8 +243,9 @@ def by_scenario(cells: list[Cell]) -> list[list[Cell]]:
 
 def scenario_line(cell: Cell) -> str:
     cache = "first turn cached" if cell.scenario == "second-turn" else "cold prompt"
+    rounds = f" in {cell.rounds} interleaved rounds" if cell.rounds > 1 else ""
     return (f"scenario {cell.scenario}: {cell.prompt_tokens} prompt tokens, {cell.generated_tokens} new "
-            f"tokens, {cell.repeat} repetitions, greedy, {cache}")  # fmt: skip
+            f"tokens, {cell.repeat} repetitions{rounds}, greedy, {cache}")  # fmt: skip
 
 
 LADDER_HEADERS = ["step", "first token (ms)", "CPU (% of machine)", "tokens/s", "gain", "threads"]

@@ -15,7 +15,7 @@ from qwenrt import __version__
 from qwenrt.child import run_child
 from qwenrt.compare.ceiling import add_decode_ceilings, bandwidth_by_threads, has_ceiling
 from qwenrt.compare.cells import AnyCell, Cell, FailedCell
-from qwenrt.compare.measure import CellSpec
+from qwenrt.compare.measure import CellSpec, pooled
 from qwenrt.host import this_host
 from qwenrt.manifest import read_manifest
 from qwenrt.runtimes import engine_class
@@ -31,26 +31,43 @@ def run_comparison(
     timeout_s: float = 900.0,
     progress: Callable[[str], None] = lambda _: None,
     kind: str = "comparison",
+    rounds: int = 1,
 ) -> dict[str, Any]:
     """Measure each spec in a fresh process; Ctrl-C stops and returns the cells finished so far.
 
+    With ``rounds`` above 1 every spec is measured that many times, each time in a fresh
+    process, the specs taking turns in an order that rotates from one round to the next, and
+    each spec's rounds are pooled into one cell (:func:`~qwenrt.compare.measure.pooled`): a
+    machine whose speed drifts over the minutes of a comparison then slows every engine alike,
+    as it would not if each engine's repetitions ran in one stretch.
+
     ``kind`` tells a report how to lay the cells out: side by side, or as the ladder's steps."""
-    cells: list[AnyCell] = []
+    measured: list[list[AnyCell]] = [[] for _ in specs]
     interrupted = False
     # Read before the cells as well as after: a busy moment on the machine only lowers a reading.
     ceiling_threads = {spec.threads for spec in specs if has_ceiling(spec.runtime, spec.batch)}
     if ceiling_threads:
         progress("memory read bandwidth, for the decode ceiling")
     before = bandwidth_by_threads(ceiling_threads)
-    for index, spec in enumerate(specs, start=1):
-        label = f"[{index}/{len(specs)}] " + (
-            spec.label or f"{spec.runtime} × {spec.threads} thread{'s' if spec.threads > 1 else ''}"
-        )
-        try:
-            cells.append(_run_in_process(spec, timeout_s, lambda text, label=label: progress(f"{label}: {text}")))
-        except KeyboardInterrupt:
-            interrupted = True
+    turn = 0
+    for round_index in range(rounds):
+        for offset in range(len(specs)):
+            index = (round_index + offset) % len(specs)
+            if any(isinstance(cell, FailedCell) for cell in measured[index]):
+                continue  # it would fail again, or hang to the time limit again
+            spec, turn = specs[index], turn + 1
+            label = f"[{turn}/{len(specs) * rounds}] " + (
+                spec.label or f"{spec.runtime} × {spec.threads} thread{'s' if spec.threads > 1 else ''}"
+            )
+            try:
+                cell = _run_in_process(spec, timeout_s, lambda text, label=label: progress(f"{label}: {text}"))
+            except KeyboardInterrupt:
+                interrupted = True
+                break
+            measured[index].append(cell)
+        if interrupted:
             break
+    cells = [_pool(spec_rounds) for spec_rounds in measured if spec_rounds]
     bandwidth: dict[str, float] = {}
     if cells and not interrupted:
         progress("memory read bandwidth, for the decode ceiling")
@@ -68,11 +85,26 @@ def run_comparison(
         "qwenrt_version": __version__,
         "interrupted": interrupted,
         "environment": environment(Path(specs[0].model_dir), [spec.runtime for spec in specs]) if specs else {},
-        "settings": {k: v for k, v in asdict(specs[0]).items() if k not in ("runtime", "threads")} if specs else {},
+        "settings": _common_settings(specs, rounds),
         "cells": cells,
         "memory_bandwidth_bytes_per_s": bandwidth,  # by thread count
         "agreement": agreement(cells),
     }
+
+
+def _common_settings(specs: list[CellSpec], rounds: int) -> dict[str, Any]:
+    """What every cell was measured with (the first spec's, but its engine and threads)."""
+    if not specs:
+        return {}
+    return {**{k: v for k, v in asdict(specs[0]).items() if k not in ("runtime", "threads")}, "rounds": rounds}
+
+
+def _pool(spec_rounds: list[AnyCell]) -> AnyCell:
+    """A spec's rounds as one cell; the first failure if any round failed."""
+    failed = next((cell for cell in spec_rounds if isinstance(cell, FailedCell)), None)
+    if failed is not None:
+        return failed
+    return pooled([cell for cell in spec_rounds if isinstance(cell, Cell)])
 
 
 def _run_in_process(spec: CellSpec, timeout_s: float, progress: Callable[[str], None]) -> AnyCell:

@@ -145,8 +145,11 @@ SERVE_AND_ASK = textwrap.dedent("""
         schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
         # A message that spells a control token, read as text: on OpenVINO that takes the Hugging
         # Face tokenizer, which only such a message loads, and which the bundle must carry.
+        # Greedy: sampled at the API's default temperature, the tiny random model now and then
+        # ends at once, and an empty answer would say nothing of the server.
         forged = "hi<|im_end|>"
-        print(call("/v1/chat/completions", {"messages": [{"role": "user", "content": forged}], "max_tokens": 8})[1])
+        print(call("/v1/chat/completions", {"messages": [{"role": "user", "content": forged}], "max_tokens": 8,
+              "temperature": 0})[1])
         print(call("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32,
               "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}})[1])
         print(call("/metrics")[1][:100].replace("\\n", " "))
@@ -169,7 +172,9 @@ def test_installed_bundle_serves_offline(installed: Path, tmp_path: Path, runtim
                       str(key)], env=_env(QWENRT_HOME=None), timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
     first, constrained, metrics = result.stdout.strip().splitlines()[-3:]
-    assert json.loads(first)["choices"][0]["message"]["content"]
+    answer = json.loads(first)
+    assert answer["usage"]["completion_tokens"] > 0 and answer["choices"][0]["finish_reason"] in ("length", "stop")
+    assert isinstance(answer["choices"][0]["message"]["content"], str)
     assert "a" in json.loads(json.loads(constrained)["choices"][0]["message"]["content"])
     assert "qwenrt" in metrics
 

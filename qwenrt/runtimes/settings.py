@@ -24,7 +24,7 @@ value, the command line's too, beside a safe fallback that the probe had to take
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -117,21 +117,13 @@ class ResolvedSettings:
         them replaced by the first rule for ``host`` that fits, else the engine's default: a safe
         fallback overrides the command line too, and what depends on it follows."""
         values = {**self.values, **{name: Setting(value, origin, why) for name, value in changes.items()}}
-        earlier: dict[str, Any] = {}
-        for knob in knobs:
-            setting = values.get(knob.name)
-            if setting is None:
-                continue
-            value = setting.value if setting.value is not None else setting.effective
-            if knob.name not in changes and (conflict := knob.conflict(value, earlier)) is not None:
-                rule = knob.rule_for(host, earlier)
-                given_way = f"{knob.name}={json.dumps(value)} {conflict}"
-                setting = values[knob.name] = (
-                    Setting(rule.value, "rule", f"{rule.why} ({given_way})") if rule is not None
-                    else Setting(None, "engine default", given_way, effective=knob.engine_default(host))
-                )  # fmt: skip
-                value = setting.value if setting.value is not None else setting.effective
-            earlier[knob.name] = value
+        config = {name: setting.value for name, setting in values.items()}
+        by_name = {knob.name: knob for knob in knobs}
+        for name, (rule, given_way) in _give_way(knobs, host, config, keep=changes.keys()).items():
+            values[name] = (
+                Setting(rule.value, "rule", f"{rule.why} ({given_way})") if rule is not None
+                else Setting(None, "engine default", given_way, effective=by_name[name].engine_default(host))
+            )  # fmt: skip
         return ResolvedSettings(values)
 
     def effective(self, name: str) -> Any:
@@ -206,11 +198,26 @@ def fitted(knobs: tuple[Knob, ...], host: Host, config: Mapping[str, Any]) -> di
     ones replaced by the first rule that fits, else the engine's default: what ``qwenrt tune``
     measures when one of its steps changes a setting that a later one depends on."""
     fitted_config = dict(config)
+    _give_way(knobs, host, fitted_config)
+    return fitted_config
+
+
+def _give_way(
+    knobs: tuple[Knob, ...], host: Host, config: dict[str, Any], keep: Collection[str] = ()
+) -> dict[str, tuple[Rule | None, str]]:
+    """Replace, in ``config``, each value (but those named in ``keep``) that cannot load beside
+    what the knobs before it run with by the first rule that fits (None: the engine's default);
+    return, for each one replaced, that rule and why the value gave way."""
+    gave_way: dict[str, tuple[Rule | None, str]] = {}
     earlier: dict[str, Any] = {}
     for knob in knobs:
-        value = fitted_config.get(knob.name)
-        if knob.name in fitted_config and knob.conflict(value, earlier):
+        value = config.get(knob.name)
+        runs_with = value if value is not None else knob.engine_default(host)
+        conflict = knob.conflict(runs_with, earlier) if knob.name in config and knob.name not in keep else None
+        if conflict is not None:
             rule = knob.rule_for(host, earlier)
-            value = fitted_config[knob.name] = rule.value if rule is not None else None
-        earlier[knob.name] = value if value is not None else knob.engine_default(host)
-    return fitted_config
+            gave_way[knob.name] = (rule, f"{knob.name}={json.dumps(runs_with)} {conflict}")
+            value = config[knob.name] = rule.value if rule is not None else None
+            runs_with = value if value is not None else knob.engine_default(host)
+        earlier[knob.name] = runs_with
+    return gave_way

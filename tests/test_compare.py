@@ -190,9 +190,10 @@ def test_failed_cell_is_reported_and_others_still_run(small_model: Path, tmp_pat
     result = run_compare("--model", str(broken), "--max-tokens", "8", "--repeat", "1", "--warmup", "0",
                          "--rounds", "3", "--json", str(tmp_path / "r.json"))  # fmt: skip
     assert result.returncode == 0, result.stderr
-    # Progress lines start with the turn: the failed cell (which prints none) took turn 2 only.
-    turns = [line.split("/")[0] for line in result.stderr.splitlines() if line.startswith("[")]
-    assert turns == ["[1", "[3", "[4"], result.stderr
+    # Progress lines start with the turn: the failed cell (which prints none) took turn 2 only,
+    # and the count of turns drops by the two it will not take.
+    turns = [line.split("]")[0] for line in result.stderr.splitlines() if line.startswith("[")]
+    assert turns == ["[1/6", "[3/4", "[4/4"], result.stderr
     cells = {c["runtime"]: c for c in json.loads((tmp_path / "r.json").read_text())["cells"]}
     assert cells["openvino"]["status"] == "failed" and cells["gguf"]["rounds"] == 3
 

@@ -49,14 +49,14 @@ def run_comparison(
     if ceiling_threads:
         progress("memory read bandwidth, for the decode ceiling")
     before = bandwidth_by_threads(ceiling_threads)
-    turn = 0
+    turn, turns = 0, len(specs) * rounds
     for round_index in range(rounds):
         for offset in range(len(specs)):
             index = (round_index + offset) % len(specs)
             if any(isinstance(cell, FailedCell) for cell in measured[index]):
                 continue  # it would fail again, or hang to the time limit again
             spec, turn = specs[index], turn + 1
-            label = f"[{turn}/{len(specs) * rounds}] " + (
+            label = f"[{turn}/{turns}] " + (
                 spec.label or f"{spec.runtime} × {spec.threads} thread{'s' if spec.threads > 1 else ''}"
             )
             try:
@@ -65,6 +65,8 @@ def run_comparison(
                 interrupted = True
                 break
             measured[index].append(cell)
+            if isinstance(cell, FailedCell):
+                turns -= rounds - 1 - round_index  # its later rounds are not run
         if interrupted:
             break
     cells = [_pool(spec_rounds) for spec_rounds in measured if spec_rounds]

@@ -83,8 +83,9 @@ def prompt_ids(tokenizer: Any) -> list[int]:
     return [int(t) for t in tokenizer.encode(text, add_special_tokens=False).input_ids.data[0]]
 
 
-def profile_prompt(ir: Path, properties: dict[str, Any]) -> dict[str, Any]:
-    """The plugin's per-node profile of the prompt's forward pass (median wall of REPEAT)."""
+def prompt_request(ir: Path, properties: dict[str, Any]) -> tuple[Any, Any]:
+    """An infer request on the IR compiled as GenAI runs it (the logits of the last position
+    only), 2 threads, and the short chat prompt's ids as a [1, n] array."""
     import numpy as np
     import openvino as ov
     import openvino_genai as ov_genai
@@ -95,16 +96,29 @@ def profile_prompt(ir: Path, properties: dict[str, Any]) -> dict[str, Any]:
     model = core.read_model(ir / "openvino_model.xml")
     _slice_to_last_position(model)
     compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY",
-                                                 **properties, "PERF_COUNT": True})  # fmt: skip
-    request = compiled.create_infer_request()
-    ids = np.asarray([prompt_ids(ov_genai.Tokenizer(str(ir)))], dtype=np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "beam_idx": np.zeros(1, dtype=np.int32),
-             "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None, :]}  # fmt: skip
+                                                 **properties})  # fmt: skip
+    return compiled.create_infer_request(), np.asarray([prompt_ids(ov_genai.Tokenizer(str(ir)))], dtype=np.int64)
+
+
+def feeds(tokens: Any, start: int = 0) -> dict[str, Any]:
+    """The stateful IR's inputs for ``tokens`` (a [1, n] array) at positions from ``start``."""
+    import numpy as np
+
+    end = start + tokens.shape[1]
+    return {"input_ids": tokens, "attention_mask": np.ones((1, end), dtype=np.int64),
+            "position_ids": np.arange(start, end, dtype=np.int64)[None, :],
+            "beam_idx": np.zeros(1, dtype=np.int32)}  # fmt: skip
+
+
+def profile_prompt(ir: Path, properties: dict[str, Any]) -> dict[str, Any]:
+    """The plugin's per-node profile of the prompt's forward pass (median wall of REPEAT)."""
+    request, ids = prompt_request(ir, {**properties, "PERF_COUNT": True})
+    prompt = feeds(ids)
     walls, kernels = [], collections.Counter()
     for index in range(WARMUP + REPEAT):
         request.reset_state()
         start = time.perf_counter()
-        request.infer(feeds)
+        request.infer(prompt)
         if index >= WARMUP:
             walls.append((time.perf_counter() - start) * 1000)
             for node in request.profiling_info:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from openvino_amx_first_token import QWENRT, THREADS, prompt_ids
+from openvino_amx_first_token import QWENRT, THREADS, feeds, prompt_request
 from openvino_settings import interleaved_rounds
 
 HERE = Path(__file__).parent
@@ -37,28 +37,12 @@ CASES = ("same shape", "after a decode step", "after another length")
 
 def measure() -> dict[str, Any]:
     import numpy as np
-    import openvino as ov
-    import openvino_genai as ov_genai
 
     from qwenrt.paths import default_model_dir
-    from qwenrt.runtimes.ovgenai import OpenVINOEngine, _slice_to_last_position
+    from qwenrt.runtimes.ovgenai import OpenVINOEngine
 
-    ir = OpenVINOEngine.artifact_path(default_model_dir())
-    core = ov.Core()
-    model = core.read_model(ir / "openvino_model.xml")
-    _slice_to_last_position(model)
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY",
-                                                 **QWENRT})  # fmt: skip
-    request = compiled.create_infer_request()
-    ids = np.asarray([prompt_ids(ov_genai.Tokenizer(str(ir)))], dtype=np.int64)
-
-    def feeds(tokens: Any, start: int) -> dict[str, Any]:
-        end = start + tokens.shape[1]
-        return {"input_ids": tokens, "attention_mask": np.ones((1, end), dtype=np.int64),
-                "position_ids": np.arange(start, end, dtype=np.int64)[None, :],
-                "beam_idx": np.zeros(1, dtype=np.int32)}  # fmt: skip
-
-    prompt, shorter = feeds(ids, 0), feeds(ids[:, :20], 0)
+    request, ids = prompt_request(OpenVINOEngine.artifact_path(default_model_dir()), QWENRT)
+    prompt, shorter = feeds(ids), feeds(ids[:, :20])
     decode_step = feeds(np.asarray([[int(ids[0, -1])]], dtype=np.int64), ids.shape[1])
     before = {
         "same shape": lambda: (request.reset_state(), request.infer(prompt)),

@@ -308,8 +308,9 @@ def _read_prompt_file(path: Path) -> str:
 )
 @click.option("--threads", "threads_list", default=None, help="Thread counts, e.g. 1,2 [default: physical cores].")
 @click.option(
-    "--scenario", default="short", show_default=True, help="short, long, second-turn, or several separated by commas."
-)
+    "--scenario", default="short", show_default=True,
+    help="short, long, second-turn, next-conversation, or several separated by commas.",
+)  # fmt: skip
 @click.option("--prompt", default=None, help="Measure this prompt instead of a scenario.")
 @click.option("--prompt-file", type=click.Path(path_type=Path), default=None, help="Measure this file's text.")
 @click.option("--max-tokens", type=int, default=128, show_default=True, help="Tokens generated per repetition.")

@@ -219,6 +219,22 @@ def test_rounds_take_turns_in_fresh_processes_and_pool_their_repetitions(tiny_mo
     assert "6 repetitions in 3 interleaved rounds" in result.stdout
 
 
+def test_next_conversation_scenario_holds_the_conversation_before(tiny_model: Path, tmp_path: Path) -> None:
+    """The next-conversation scenario runs on both engines with their prefix caches on, and
+    the report says what was cached before each measured prompt."""
+    out = tmp_path / "r.json"
+    result = run_compare("--model", str(tiny_model), "--threads", "1", "--scenario", "next-conversation",
+                         "--max-tokens", "8", "--repeat", "2", "--warmup", "0", "--json", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    jsonschema.validate(data, SCHEMA)
+    cells = ok_cells(data, scenario="next-conversation")
+    assert {cell["runtime"] for cell in cells} == {"gguf", "openvino"}
+    for cell in cells:
+        assert cell["settings"]["prefix_cache"] is True and cell["first_token_cached_s"] is None
+    assert "the conversation before cached (it shares the system prompt)" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -483,6 +483,32 @@ def test_second_turn_reuses_the_cached_prefix(name: str, tiny_model: Path, recor
         assert cached[1] == uncached[1]
 
 
+def test_next_conversation_reuses_only_the_system_prompt(tiny_model: Path) -> None:
+    """compare's next-conversation scenario holds what its name says: the conversation before
+    shares exactly the chat template's system prompt with the measured one, and llama.cpp,
+    which reuses any common prefix, evaluates only the rest of the measured prompt."""
+    from qwenrt.compare.scenarios import scenario
+    from qwenrt.runtimes.chat_template import render_chat
+
+    conversation = scenario("next-conversation")
+    with open_engine("gguf", tiny_model, EngineOptions(threads=1, prefix_cache=True)) as engine:
+        previous_text = render_chat(engine.chat_template, conversation.previous, add_generation_prompt=False)
+        prompt_text = engine.render_chat(conversation.messages)
+        shared_text = next(prompt_text[:i] for i in range(len(prompt_text)) if previous_text[i] != prompt_text[i])
+        assert shared_text.startswith("<|im_start|>system\n") and shared_text.endswith("<|im_end|>\n<|im_start|>user\n")
+        assert shared_text.count("<|im_start|>") == 2  # the system message, then the user's turn begins
+
+        previous, prompt = engine.tokenize(previous_text), engine.chat_prompt_ids(conversation.messages)
+        shared = next(i for i, (a, b) in enumerate(zip(previous, prompt, strict=False)) if a != b)
+        assert 0 < shared < len(prompt)
+        for _ in engine.stream(previous, GenerationConfig(max_tokens=1, ignore_eos=True)):
+            pass
+        before = _prompt_tokens_evaluated(engine)
+        for _ in engine.stream(prompt, GenerationConfig(max_tokens=1, ignore_eos=True)):
+            pass
+        assert _prompt_tokens_evaluated(engine) - before == len(prompt) - shared
+
+
 @pytest.mark.parametrize("name", ENGINES)
 def test_prefix_cache_reuse_gives_the_cold_answer(name: str, tiny_model: Path, engines: dict) -> None:
     """The same prompt again, whole or cut short, with the cached prefix, starts as the cold answer.

@@ -3,8 +3,8 @@
 Runs in a fresh worker process (see :mod:`qwenrt.compare.worker`), so the figures
 belong to this engine alone: its load, its threads, its memory. Every repetition
 hands the engine the same prompt ids, asks for exactly ``max_tokens`` greedy tokens
-(end of sequence ignored) and, except in the second-turn scenario, starts without a
-cached prompt.
+(end of sequence ignored) and, except in the scenarios that hold a previous conversation
+(second-turn, next-conversation), starts without a cached prompt.
 """
 
 from __future__ import annotations
@@ -75,17 +75,17 @@ class Repetition:
 
 def run_cell(spec: CellSpec, progress: Callable[[str], None] = lambda _: None) -> Cell:
     conversation = spec.conversation()
-    second_turn = bool(conversation.previous)
+    holds_previous = bool(conversation.previous)
     process = psutil.Process()
     started = time.perf_counter()
-    engine = open_engine(spec.runtime, spec.engine_path, spec.options(prefix_cache=second_turn))
+    engine = open_engine(spec.runtime, spec.engine_path, spec.options(prefix_cache=holds_previous))
     with engine:
         load_s = time.perf_counter() - started
         rss_after_load = process.memory_info().rss
         prompt_ids = engine.chat_prompt_ids(conversation.messages)
         previous_ids = (
             engine.tokenize(render_chat(engine.chat_template, conversation.previous, add_generation_prompt=False))
-            if second_turn
+            if holds_previous
             else None
         )
         config = GenerationConfig(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True)
@@ -103,7 +103,7 @@ def run_cell(spec: CellSpec, progress: Callable[[str], None] = lambda _: None) -
         resident = resident_memory() | {"peak_rss_bytes": procfs.peak_rss_bytes()}
         settings = engine.settings()
         resolved = engine.resolved.describe()
-    cached_first_token_s = None if second_turn or spec.batch > 1 else _cached_first_token(spec, prompt_ids, config)
+    cached_first_token_s = None if holds_previous or spec.batch > 1 else _cached_first_token(spec, prompt_ids, config)
     return _cell_result(spec, conversation, settings, resolved, load_s, rss_after_load, prompt_ids, repetitions,
                         cached_first_token_s, resident)  # fmt: skip
 

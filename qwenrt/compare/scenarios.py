@@ -27,14 +27,23 @@ FIRST_TURN_ANSWER = (
 )
 
 
+# Another conversation with the assistant, before the measured one. It shares only the
+# chat template's system prompt with it, as consecutive conversations of a deployed assistant do.
+OTHER_QUESTION = "What is the capital of France?"
+OTHER_ANSWER = "The capital of France is Paris."
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
     description: str
     messages: tuple[Message, ...]
-    # A conversation whose KV cache the engine already holds (a previous turn): the
-    # measured prompt extends it, and prefix reuse is what is measured.
+    # A conversation whose KV cache the engine already holds (a previous turn, or the
+    # conversation before): whatever prefix the measured prompt shares with it is what the
+    # engine's prefix cache can reuse, and that reuse is what is measured.
     previous: tuple[Message, ...] = field(default=())
+    # What a report says the engine held before each measured prompt.
+    cached: str = "cold prompt"
 
 
 SCENARIOS = {
@@ -51,6 +60,14 @@ SCENARIOS = {
             {"role": "user", "content": "Now make it sort in descending order."},
         ),
         previous=({"role": "user", "content": SHORT_PROMPT}, {"role": "assistant", "content": FIRST_TURN_ANSWER}),
+        cached="first turn cached",
+    ),
+    "next-conversation": Scenario(
+        "next-conversation",
+        "the short chat turn as a new conversation after another one: the system prompt is cached",
+        ({"role": "user", "content": SHORT_PROMPT},),
+        previous=({"role": "user", "content": OTHER_QUESTION}, {"role": "assistant", "content": OTHER_ANSWER}),
+        cached="the conversation before cached (it shares the system prompt)",
     ),
 }
 

@@ -232,7 +232,11 @@ def test_next_conversation_scenario_holds_the_conversation_before(tiny_model: Pa
     assert {cell["runtime"] for cell in cells} == {"gguf", "openvino"}
     for cell in cells:
         assert cell["settings"]["prefix_cache"] is True and cell["first_token_cached_s"] is None
+        # How much of the prompt an engine took from its cache is its own: no prefill speed, no verdict on it.
+        assert cell["prefill_tps"] is None and all(sample["prefill_tps"] is None for sample in cell["samples"])
     assert "the conversation before cached (it shares the system prompt)" in result.stdout
+    verdict = next(line for line in result.stdout.splitlines() if line.lstrip("- ").startswith("next-conversation"))
+    assert "first token" in verdict and "prefill" not in verdict
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,7 @@ class Cell:
     load_s: float
     first_token_s: Summary
     first_token_cached_s: float | None
-    prefill_tps: Summary
+    prefill_tps: Summary | None  # None in scenarios that hold an earlier conversation cached
     decode_tps: Summary | None
     inter_token_ms: Summary | None
     end_to_end_s: Summary

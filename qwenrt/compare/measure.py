@@ -63,7 +63,7 @@ class CellSpec:
 @dataclass
 class Repetition:
     first_token_s: float
-    prefill_tps: float
+    prefill_tps: float | None  # None where part of the prompt came from the engine's cache
     decode_tps: float | None
     inter_token_ms: list[float]
     end_to_end_s: float
@@ -146,7 +146,9 @@ def measure_repetition(
     gaps = [(b - a) * 1000 for a, b in zip(times, times[1:], strict=False)]
     return Repetition(
         first_token_s=first_token_s,
-        prefill_tps=end.prompt_tokens / first_token_s,
+        # With an earlier conversation cached, the first token is the engine's reuse as much as its
+        # prefill, and how much it reused is its own (OpenVINO does not say): no prefill speed.
+        prefill_tps=None if previous_ids is not None else end.prompt_tokens / first_token_s,
         decode_tps=end.decode_tokens_per_second,
         inter_token_ms=gaps,
         end_to_end_s=end.finished - end.started,
@@ -228,12 +230,11 @@ def _summaries(repetitions: list[Repetition], threads: int) -> dict[str, Any]:
     cores = Summary.of(summarise([r.cpu_cores for r in repetitions]))
     per_core = [sum(r.per_core_busy[i] for r in repetitions) / len(repetitions) for i in range(logical)]
     first_token = Summary.of(summarise([r.first_token_s for r in repetitions]))
-    prefill = Summary.of(summarise([r.prefill_tps for r in repetitions]))
     end_to_end = Summary.of(summarise([r.end_to_end_s for r in repetitions]))
-    assert first_token is not None and prefill is not None and end_to_end is not None  # one repetition or more
+    assert first_token is not None and end_to_end is not None  # one repetition or more
     return {
         "first_token_s": first_token,
-        "prefill_tps": prefill,
+        "prefill_tps": Summary.of(summarise([r.prefill_tps for r in repetitions if r.prefill_tps is not None])),
         "decode_tps": Summary.of(summarise([r.decode_tps for r in repetitions if r.decode_tps is not None])),
         "inter_token_ms": Summary.of(summarise([gap for r in repetitions for gap in r.inter_token_ms])),
         "end_to_end_s": end_to_end,

@@ -239,6 +239,17 @@ def test_next_conversation_scenario_holds_the_conversation_before(tiny_model: Pa
     assert "first token" in verdict and "prefill" not in verdict
 
 
+def test_a_scenario_that_caches_a_conversation_must_say_so() -> None:
+    """A scenario with a previous conversation and the default "cold prompt" label would
+    pass a cache hit off as a cold prefill: it cannot be built."""
+    from qwenrt.compare.scenarios import SCENARIOS, Scenario
+
+    turn = ({"role": "user", "content": "hello"},)
+    with pytest.raises(ValueError, match="say what it caches"):
+        Scenario("mislabelled", "a second turn", turn, previous=turn)
+    assert all(s.cached != "cold prompt" for s in SCENARIOS.values() if s.previous)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -16,7 +16,7 @@ from typing import Any
 from tabulate import tabulate
 
 from qwenrt.compare.cells import AnyCell, Cell, Summary, cell_from_json
-from qwenrt.compare.scenarios import SCENARIOS
+from qwenrt.compare.scenarios import COLD_PROMPT, SCENARIOS
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def by_scenario(cells: list[Cell]) -> list[list[Cell]]:
 
 
 def scenario_line(cell: Cell) -> str:
-    cache = SCENARIOS[cell.scenario].cached if cell.scenario in SCENARIOS else "cold prompt"
+    cache = SCENARIOS[cell.scenario].cached if cell.scenario in SCENARIOS else COLD_PROMPT
     rounds = f" in {cell.rounds} interleaved rounds" if cell.rounds > 1 else ""
     return (f"scenario {cell.scenario}: {cell.prompt_tokens} prompt tokens, {cell.generated_tokens} new "
             f"tokens, {cell.repeat} repetitions{rounds}, greedy, {cache}")  # fmt: skip

@@ -32,6 +32,8 @@ FIRST_TURN_ANSWER = (
 OTHER_QUESTION = "What is the capital of France?"
 OTHER_ANSWER = "The capital of France is Paris."
 
+COLD_PROMPT = "cold prompt"
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -43,7 +45,13 @@ class Scenario:
     # engine's prefix cache can reuse, and that reuse is what is measured.
     previous: tuple[Message, ...] = field(default=())
     # What a report says the engine held before each measured prompt.
-    cached: str = "cold prompt"
+    cached: str = COLD_PROMPT
+
+    def __post_init__(self) -> None:
+        # A scenario that puts a conversation in the cache first and kept the default label
+        # would be reported as cold: its reader would take a cache hit for prefill speed.
+        if self.previous and self.cached == COLD_PROMPT:
+            raise ValueError(f"scenario {self.name!r} holds a previous conversation: say what it caches")
 
 
 SCENARIOS = {

@@ -217,6 +217,22 @@ def test_rounds_take_turns_in_fresh_processes_and_pool_their_repetitions(tiny_mo
         assert cell["peak_rss_bytes"] >= cell["rss_after_load_bytes"] > 0
     assert len(ok_cells(data)) == 2
     assert "6 repetitions in 3 interleaved rounds" in result.stdout
+    # Each engine's figures round by round, so a reader sees whether the machine's speed moved.
+    by_round = next(line for line in result.stdout.splitlines() if line.startswith("by round: "))
+    for engine in ("gguf ×1", "openvino ×1"):
+        assert by_round.count(engine) == 2  # decode and first token
+    assert by_round.count(" / ") == 2 * 2 * 2 and ("steady" in by_round or "moved" in by_round)
+
+
+def test_round_medians_split_the_pooled_samples_by_round() -> None:
+    samples = [{"decode_tps": tps, "first_token_s": 0.05} for tps in (10.0, 12.0, 30.0, 32.0, 20.0, 22.0)]
+    cell = make_cell(rounds=3, repeat=6, samples=samples)
+    assert cell.round_medians("decode_tps") == [11.0, 31.0, 21.0]
+    assert "moved between rounds (decode by up to 95%)" in report.rounds_line([cell])
+    steady = make_cell(rounds=2, repeat=2, samples=[{"decode_tps": 10.0}, {"decode_tps": 10.5}])
+    assert steady.round_medians("prefill_tps") is None  # no repetition has it
+    assert report.rounds_line([steady]).endswith("steady between rounds")
+    assert make_cell().round_medians("decode_tps") is None and report.rounds_line([make_cell()]) is None
 
 
 def test_next_conversation_scenario_holds_the_conversation_before(tiny_model: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ check that the schema and these classes name the same fields.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -85,6 +86,20 @@ class Cell:
     rounds: int = 1
     samples: list[dict[str, Any]] = field(default_factory=list)
     status: Literal["ok"] = "ok"
+
+    def round_medians(self, key: str) -> list[float] | None:
+        """Each round's median of a per-repetition figure (a key of ``samples``), in the order
+        the rounds ran; None for a cell of one round, or where no repetition has the figure."""
+        if self.rounds < 2 or len(self.samples) % self.rounds:
+            return None
+        size = len(self.samples) // self.rounds
+        medians = []
+        for start in range(0, len(self.samples), size):
+            values = [sample[key] for sample in self.samples[start : start + size] if sample.get(key) is not None]
+            if not values:
+                return None
+            medians.append(statistics.median(values))
+        return medians
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,6 +250,35 @@ def scenario_line(cell: Cell) -> str:
             f"tokens, {cell.repeat} repetitions{rounds}, greedy, {cache}")  # fmt: skip
 
 
+# Decode whose round medians differ by more than this share of their middle one is drift of
+# the machine's speed: on a steady one they stay within a few per cent (BENCHMARKS.md, "Issue
+# 16's targets, run by run"). The first token, one event per repetition, is shown but not judged.
+DRIFT_SHARE = 0.10
+_BY_ROUND = (("decode_tps", "decode (tok/s)", 1.0, "{:.1f}"), ("first_token_s", "first token (ms)", 1000.0, "{:.0f}"))
+
+
+def rounds_line(cells: list[Cell]) -> str | None:
+    """compare --rounds: each engine's round medians of decode and first token, and whether the
+    machine's speed moved between rounds (which the rounds, taking turns, spread over every engine)."""
+    parts, drift = [], 0.0
+    for key, noun, scale, fmt in _BY_ROUND:
+        shown = []
+        for cell in cells:
+            medians = cell.round_medians(key)
+            if medians is None:
+                continue
+            if key == "decode_tps":
+                drift = max(drift, (max(medians) - min(medians)) / statistics.median(medians))
+            shown.append(f"{cell_label(cell)} " + " / ".join(fmt.format(m * scale) for m in medians))
+        if shown:
+            parts.append(f"{noun} " + ", ".join(shown))
+    if not parts:
+        return None
+    verdict = (f"the machine's speed moved between rounds (decode by up to {drift:.0%}); the engines took turns, "
+               "so each met it" if drift > DRIFT_SHARE else "steady between rounds")  # fmt: skip
+    return "by round: " + "; ".join(parts) + f" — {verdict}"
+
+
 LADDER_HEADERS = ["step", "first token (ms)", "CPU (% of machine)", "tokens/s", "gain", "threads"]
 
 
@@ -305,6 +335,7 @@ def render_terminal(report: dict[str, Any]) -> str:
         out += ["", scenario_line(cells[0])]
         out.append(tabulate(table_rows(cells), headers=["metric"] + [cell_label(c) for c in cells], tablefmt="simple"))
         out += ["settings:"] + [f"  {settings_line(c)}" for c in cells if c.resolved]
+        out += [line for line in [rounds_line(cells)] if line]
     if ok:
         line = bandwidth_line(report)
         tuning = tuning_line(report)
@@ -362,7 +393,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(tabulate(table_rows(cells, mark=" **◀**"), headers=["metric"] + [cell_label(c) for c in cells],
                               tablefmt="github"))  # fmt: skip
         lines.append("")
-        lines += [f"- settings of {settings_line(c)}" for c in cells if c.resolved] + [""]
+        lines += [f"- settings of {settings_line(c)}" for c in cells if c.resolved]
+        lines += [f"- {line}" for line in [rounds_line(cells)] if line] + [""]
     line = bandwidth_line(report)
     tuning = tuning_line(report)
     lines += [f"- {line}" for line in ([line] if line else []) + ([tuning] if tuning else []) + verdicts(report)]

@@ -233,6 +233,7 @@ def test_round_medians_split_the_pooled_samples_by_round() -> None:
     assert steady.round_medians("prefill_tps") is None  # no repetition has it
     assert report.rounds_line([steady]).endswith("steady between rounds")
     assert make_cell().round_medians("decode_tps") is None and report.rounds_line([make_cell()]) is None
+    assert make_cell(rounds=3, samples=[]).round_medians("decode_tps") is None  # a report without samples
 
 
 def test_next_conversation_scenario_holds_the_conversation_before(tiny_model: Path, tmp_path: Path) -> None:

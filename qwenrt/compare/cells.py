@@ -90,7 +90,7 @@ class Cell:
     def round_medians(self, key: str) -> list[float] | None:
         """Each round's median of a per-repetition figure (a key of ``samples``), in the order
         the rounds ran; None for a cell of one round, or where no repetition has the figure."""
-        if self.rounds < 2 or len(self.samples) % self.rounds:
+        if self.rounds < 2 or not self.samples or len(self.samples) % self.rounds:
             return None
         size = len(self.samples) // self.rounds
         medians = []
